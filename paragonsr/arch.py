@@ -1,0 +1,365 @@
+"""The ParagonSR network and the table of its named variants.
+
+One set of classes serves both checkpoint forms: the *training* form, whose FFN spatial mixers carry
+three parallel depthwise branches (3x3, 1x1 and a second 3x3), and the *release* form, where each
+mixer is a single depthwise 3x3 convolution. Module attribute names are fixed by the original
+implementation's checkpoints (``body.G.blocks.B.transformer.spatial_mixer.conv3x3.weight`` and so
+on) and must not change.
+
+Evaluation with gradients disabled runs the inference-optimized network from :mod:`paragonsr.fusion`
+(built once, rebuilt only when a weight changes); training and autograd always run the plain
+forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMS = ("training", "fused")
+
+
+@dataclass(frozen=True)
+class ParagonSRConfig:
+    """Every hyper-parameter of a ParagonSR network; each one shows in some tensor shape."""
+
+    scale: int = 4
+    in_chans: int = 3
+    out_chans: int = 3
+    num_feat: int = 64
+    num_groups: int = 6
+    num_blocks: int = 6
+    ffn_expansion: float = 2.0
+    square_kernel_size: int = 3
+    band_kernel_size: int = 11
+    branch_ratio: float = 0.125
+
+    @property
+    def ffn_hidden(self) -> int:
+        # int() truncation, as in the original, decides the hidden width for fractional ratios.
+        return int(self.num_feat * self.ffn_expansion)
+
+    @property
+    def branch_channels(self) -> int:
+        return int(self.num_feat * self.branch_ratio)
+
+    def validate(self) -> None:
+        problems = []
+        if not 1 <= self.scale <= 16:
+            problems.append(f"scale {self.scale} is outside 1-16")
+        if self.in_chans < 1 or self.out_chans < 1:
+            problems.append("channel counts must be positive")
+        if self.num_groups < 1 or self.num_blocks < 1:
+            problems.append("num_groups and num_blocks must be at least 1")
+        if self.ffn_hidden < 1:
+            problems.append(f"ffn_expansion {self.ffn_expansion} leaves no hidden channels")
+        if self.branch_channels < 1 or 3 * self.branch_channels > self.num_feat:
+            problems.append(
+                f"branch_ratio {self.branch_ratio} gives {self.branch_channels} channels per "
+                f"branch "
+                f"for {self.num_feat} features (need 1 to {self.num_feat // 3})"
+            )
+        for name in ("square_kernel_size", "band_kernel_size"):
+            size = getattr(self, name)
+            if size < 1 or size % 2 == 0:
+                problems.append(f"{name} {size} must be odd and positive")
+        if problems:
+            raise ValueError("invalid ParagonSR configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    num_feat: int
+    num_groups: int
+    num_blocks: int
+    ffn_expansion: float = 2.0
+    # Other (groups, blocks) layouts published under the same name.
+    other_layouts: tuple[tuple[int, int], ...] = ()
+
+    def config(self, scale: int, in_chans: int = 3) -> ParagonSRConfig:
+        return ParagonSRConfig(
+            scale=scale,
+            in_chans=in_chans,
+            out_chans=in_chans,
+            num_feat=self.num_feat,
+            num_groups=self.num_groups,
+            num_blocks=self.num_blocks,
+            ffn_expansion=self.ffn_expansion,
+        )
+
+
+# The family table of the architecture's README. The original training code builds "tiny" as
+# 3 groups x 2 blocks; checkpoints of either layout carry the name.
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("nano", 24, 3, 2, 1.5),
+        Variant("tiny", 32, 3, 3, 2.0, other_layouts=((3, 2),)),
+        Variant("xs", 48, 4, 4),
+        Variant("s", 64, 6, 6),
+        Variant("m", 96, 8, 8),
+        Variant("l", 128, 10, 10),
+        Variant("xl", 160, 12, 12),
+    )
+}
+
+
+def variant_name(config: ParagonSRConfig) -> str | None:
+    """The family member whose shape ``config`` has, or None for a custom configuration."""
+    defaults = ParagonSRConfig()
+    if (config.square_kernel_size, config.band_kernel_size) != (
+        defaults.square_kernel_size,
+        defaults.band_kernel_size,
+    ) or config.branch_channels != int(config.num_feat * defaults.branch_ratio):
+        return None
+    for variant in VARIANTS.values():
+        layouts = ((variant.num_groups, variant.num_blocks), *variant.other_layouts)
+        if (
+            config.num_feat == variant.num_feat
+            and (config.num_groups, config.num_blocks) in layouts
+            and config.ffn_hidden == int(variant.num_feat * variant.ffn_expansion)
+        ):
+            return variant.name
+    return None
+
+
+def config_for_variant(name: str, scale: int, in_chans: int = 3) -> ParagonSRConfig:
+    try:
+        variant = VARIANTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown ParagonSR variant {name!r}; choose one of {', '.join(VARIANTS)}"
+        ) from None
+    return variant.config(scale, in_chans)
+
+
+def ratio_for(count: int, total: int) -> float:
+    """The smallest float ratio r with int(total * r) == count, shown rounded when that is exact."""
+    for digits in (2, 3, 4, 6):
+        rounded = round(count / total, digits)
+        if int(total * rounded) == count:
+            return rounded
+    ratio = count / total
+    while int(total * ratio) < count:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class MultiScaleDepthwise(nn.Module):
+    """Inception-style context: three channel slices get a square, a 1xk and a kx1 depthwise
+    convolution; the remaining channels pass through unchanged."""
+
+    def __init__(self, dim: int, square_kernel_size: int, band_kernel_size: int, branch: int):
+        super().__init__()
+        self.dwconv_hw = nn.Conv2d(
+            branch, branch, square_kernel_size, padding=square_kernel_size // 2, groups=branch
+        )
+        self.dwconv_w = nn.Conv2d(
+            branch, branch, (1, band_kernel_size), padding=(0, band_kernel_size // 2), groups=branch
+        )
+        self.dwconv_h = nn.Conv2d(
+            branch, branch, (band_kernel_size, 1), padding=(band_kernel_size // 2, 0), groups=branch
+        )
+        self.split_sizes = (dim - 3 * branch, branch, branch, branch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        passthrough, square, wide, tall = torch.split(x, self.split_sizes, dim=1)
+        return torch.cat(
+            (passthrough, self.dwconv_hw(square), self.dwconv_w(wide), self.dwconv_h(tall)), dim=1
+        )
+
+
+class ReparamDepthwise3x3(nn.Module):
+    """Depthwise 3x3 + depthwise 1x1 + depthwise 3x3, or, once reparameterized, the one depthwise
+    3x3 convolution they sum to.
+
+    All three branches are linear and share padding, so convolving with the summed kernel gives the
+    same result as summing the branch outputs; the forward uses the summed kernel in both forms, and
+    autograd carries the gradients back to each branch.
+    """
+
+    def __init__(self, channels: int, fused: bool = False) -> None:
+        super().__init__()
+        self.channels = channels
+        if fused:
+            self.weight = nn.Parameter(torch.empty(channels, 1, 3, 3))
+            self.bias = nn.Parameter(torch.empty(channels))
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+                nn.init.uniform_(self.bias, -1 / 3, 1 / 3)
+        else:
+            self.conv3x3 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+            self.conv1x1 = nn.Conv2d(channels, channels, 1, groups=channels)
+            self.dw_conv3x3 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+    @property
+    def is_fused(self) -> bool:
+        return "weight" in self._parameters
+
+    def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_fused:
+            return self.weight, self.bias
+        weight = (
+            self.conv3x3.weight + F.pad(self.conv1x1.weight, (1, 1, 1, 1)) + self.dw_conv3x3.weight
+        )
+        bias = self.conv3x3.bias + self.conv1x1.bias + self.dw_conv3x3.bias
+        return weight, bias
+
+    def reparameterize(self) -> None:
+        """Replace the branches by their sum, in place (the release form)."""
+        if self.is_fused:
+            return
+        with torch.no_grad():
+            weight, bias = (t.detach().clone() for t in self.fused_kernel())
+        del self.conv3x3, self.conv1x1, self.dw_conv3x3
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.fused_kernel()
+        return F.conv2d(x, weight, bias, padding=1, groups=self.channels)
+
+
+class GatedFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, fused: bool = False) -> None:
+        super().__init__()
+        self.project_in_g = nn.Conv2d(dim, hidden, 1)
+        self.project_in_i = nn.Conv2d(dim, hidden, 1)
+        self.spatial_mixer = ReparamDepthwise3x3(hidden, fused=fused)
+        self.act = nn.Mish()
+        self.project_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.spatial_mixer(self.project_in_g(x))
+        return self.project_out(self.act(gate) * self.project_in_i(x))
+
+
+class ParagonBlock(nn.Module):
+    def __init__(self, config: ParagonSRConfig, fused: bool = False) -> None:
+        super().__init__()
+        dim = config.num_feat
+        # num_groups=1 normalizes over channels *and* the whole image: see paragonsr.tiling.
+        self.norm1 = nn.GroupNorm(1, dim)
+        self.context = MultiScaleDepthwise(
+            dim, config.square_kernel_size, config.band_kernel_size, config.branch_channels
+        )
+        self.norm2 = nn.GroupNorm(1, dim)
+        self.transformer = GatedFFN(dim, config.ffn_hidden, fused=fused)
+        self.ls1 = LayerScale(dim)
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.context(self.norm1(x)))
+        return x + self.ls2(self.transformer(self.norm2(x)))
+
+
+class ResidualGroup(nn.Module):
+    def __init__(self, config: ParagonSRConfig, fused: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *(ParagonBlock(config, fused=fused) for _ in range(config.num_blocks))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x) + x
+
+
+class ParagonSR(nn.Module):
+    """ParagonSR in training form (``fused=False``) or release form (``fused=True``)."""
+
+    def __init__(self, config: ParagonSRConfig | None = None, *, fused: bool = False) -> None:
+        super().__init__()
+        config = config or ParagonSRConfig()
+        config.validate()
+        self.config = config
+        nf = config.num_feat
+        self.conv_in = nn.Conv2d(config.in_chans, nf, 3, padding=1)
+        self.body = nn.Sequential(
+            *(ResidualGroup(config, fused=fused) for _ in range(config.num_groups))
+        )
+        self.conv_fuse = nn.Conv2d(nf, nf, 3, padding=1)
+        self.upsampler = nn.Sequential(
+            nn.Conv2d(nf, nf * config.scale**2, 3, padding=1), nn.PixelShuffle(config.scale)
+        )
+        self.conv_out = nn.Conv2d(nf, config.out_chans, 3, padding=1)
+        self.inference_optimization = True
+        self._inference_cache: tuple[tuple, nn.Module] | None = None
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
+
+    @property
+    def form(self) -> str:
+        return "fused" if self.spatial_mixers()[0].is_fused else "training"
+
+    def spatial_mixers(self) -> list[ReparamDepthwise3x3]:
+        return [m for m in self.modules() if isinstance(m, ReparamDepthwise3x3)]
+
+    def set_inference_optimization(self, enabled: bool) -> ParagonSR:
+        """With False, evaluation runs this module's own layers as the original code does."""
+        self.inference_optimization = enabled
+        self._inference_cache = None
+        return self
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        shallow = self.conv_in(x)
+        deep = self.conv_fuse(self.body(shallow)) + shallow
+        return self.conv_out(self.upsampler(deep))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() or not self.inference_optimization:
+            return self.forward_plain(x)
+        return self.optimized()(x)
+
+    def optimized(self) -> nn.Module:
+        """The inference-optimized network for the current weights, device and dtype (cached)."""
+        from .fusion import optimize_for_inference
+
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if self._inference_cache is None or self._inference_cache[0] != key:
+            self._inference_cache = None  # drop the stale copy before building the new one
+            self._inference_cache = (key, optimize_for_inference(self))
+        return self._inference_cache[1]
+
+
+def macs_per_pixel(config: ParagonSRConfig, form: str) -> int:
+    """Multiply-accumulates per low-resolution input pixel of the convolutions in ``form``:
+    "training", "fused" or "optimized" (the in-memory inference network). Normalization,
+    activation and LayerScale are elementwise and not counted; neither are the optimized tail's
+    border strips, which cost O(perimeter)."""
+    nf, hidden, branch = config.num_feat, config.ffn_hidden, config.branch_channels
+    mixer_taps = 9 + 1 + 9 if form == "training" else 9
+    block = (
+        branch * (config.square_kernel_size**2 + 2 * config.band_kernel_size)
+        + 2 * nf * hidden
+        + mixer_taps * hidden
+        + hidden * nf
+    )
+    head = 9 * config.in_chans * nf + 9 * nf * nf
+    s2 = config.scale**2
+    if form == "optimized":
+        tail = 25 * nf * config.out_chans * s2
+    elif form in FORMS:
+        tail = 9 * nf * nf * s2 + 9 * nf * config.out_chans * s2
+    else:
+        raise ValueError(f"unknown form {form!r}")
+    return head + config.num_groups * config.num_blocks * block + tail

@@ -1,0 +1,441 @@
+"""Reading checkpoints, working out what they hold, and writing them back.
+
+Everything about a network comes from its tensors: form (training or release), scale, channels,
+width, depth, FFN expansion, kernel sizes and branch ratio. File names are never consulted.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import secrets
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import torch
+
+from .arch import ParagonSR, ParagonSRConfig, ratio_for, variant_name
+from .errors import CheckpointError, UnsupportedVariantError
+
+StateDict = dict[str, torch.Tensor]
+Source: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any]"
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt")
+# Checked in this order: an EMA copy is what traiNNer-redux users want to deploy.
+WRAPPER_KEYS = (
+    "params_ema",
+    "params-ema",
+    "params",
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net_g",
+    "net",
+)
+COMMON_PREFIXES = ("module.", "netG.", "_orig_mod.")
+
+# Keys every ParagonSR network has, whatever its form and configuration.
+SIGNATURE_KEYS = (
+    "conv_in.weight",
+    "body.0.blocks.0.norm1.weight",
+    "body.0.blocks.0.context.dwconv_hw.weight",
+    "body.0.blocks.0.transformer.project_in_g.weight",
+    "body.0.blocks.0.transformer.project_in_i.weight",
+    "body.0.blocks.0.transformer.project_out.weight",
+    "body.0.blocks.0.ls1.gamma",
+    "conv_fuse.weight",
+    "upsampler.0.weight",
+    "conv_out.weight",
+)
+_MIXER = "body.0.blocks.0.transformer.spatial_mixer."
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """A checkpoint holds NaN or infinite weights; its outputs will be garbage."""
+
+
+@dataclass
+class Inspection:
+    """What a checkpoint holds."""
+
+    config: ParagonSRConfig
+    form: str  # "training" or "fused"
+    variant: str | None
+    source: str = "state dict"
+    non_finite_keys: list[str] = field(default_factory=list)
+
+    @property
+    def tags(self) -> list[str]:
+        c = self.config
+        tags = [f"{c.num_feat}nf", f"{c.num_groups}x{c.num_blocks}", f"ffn{c.ffn_expansion:g}"]
+        if (c.square_kernel_size, c.band_kernel_size) != (3, 11):
+            tags.append(f"k{c.square_kernel_size}b{c.band_kernel_size}")
+        if c.branch_ratio != 0.125:
+            tags.append(f"br{c.branch_ratio:g}")
+        tags.append(self.form)
+        return ([self.variant] if self.variant else []) + tags
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a checkpoint file into a flat ``{key: tensor}`` dict, unwrapped and de-prefixed.
+
+    Pickles (.pth/.ckpt/.pt) go through torch's weights-only unpickler: a file that references any
+    global beyond tensors and plain containers is refused without running it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "file not found", "Check the path")
+    if not path.is_file():
+        raise CheckpointError(path, "is not a file", "Give the path of a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "the file is empty", "Download or export it again")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        raw: Any = _read_safetensors(path)
+    elif suffix in PICKLE_SUFFIXES:
+        raw = _read_pickle(path)
+    else:
+        raise CheckpointError(
+            path,
+            f"unsupported file type {suffix or '(no extension)'!r}",
+            "Use a .safetensors, .pth, .ckpt or .pt checkpoint",
+        )
+    try:
+        return canonical_state_dict(raw)
+    except CheckpointError as error:
+        raise error.with_source(path) from None
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own error types and OSError
+        raise CheckpointError(
+            path,
+            f"not a readable safetensors file, probably truncated or corrupt ({error})",
+            "Download or export it again",
+        ) from None
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "GLOBAL" in str(error) or "global" in str(error) or "Unsupported" in str(error):
+            raise CheckpointError(
+                path,
+                "refused: the pickle references Python objects beyond tensors and plain "
+                f"containers, and loading it could run arbitrary code ({detail})",
+                "If you trust its origin, re-save only its state dict as .safetensors",
+            ) from None
+        raise CheckpointError(
+            path, f"not a readable PyTorch checkpoint ({detail})", "Download or export it again"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            path,
+            f"not a readable PyTorch checkpoint, probably truncated or corrupt ({detail})",
+            "Download or export it again",
+        ) from None
+
+
+def canonical_state_dict(raw: Any) -> StateDict:
+    """Unwrap ``{"params_ema": ...}``-style containers and strip ``module.``-style prefixes."""
+    state = raw
+    for _ in range(4):
+        if not isinstance(state, Mapping):
+            break
+        inner = next(
+            (state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping) and state[k]),
+            None,
+        )
+        if inner is None and len(state) == 1:
+            only = next(iter(state.values()))
+            inner = only if isinstance(only, Mapping) else None
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(
+            None,
+            "holds no state dict (expected a mapping of parameter names to tensors)",
+            "Save the model's state_dict(), not the model object or a training state",
+        )
+    non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise CheckpointError(
+            None,
+            f"entry {non_tensors[0]!r} is a {type(state[non_tensors[0]]).__name__}, not a tensor",
+            "Save the model's state_dict() alone",
+        )
+    state = {str(k): v for k, v in state.items()}
+    for prefix in COMMON_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def looks_like_paragonsr(state_dict: Mapping[str, Any]) -> bool:
+    """True for the ParagonSR networks this package loads (spandrel's detection hook).
+
+    Related networks that reuse some key names (the MagicKernel-upsampler fork, the early
+    LayerNorm revision) are left to other loaders; :func:`inspect_state_dict` names them.
+    """
+    return (
+        all(k in state_dict for k in SIGNATURE_KEYS) and _unsupported_relative(state_dict) is None
+    )
+
+
+def _unsupported_relative(state_dict: Mapping[str, Any]) -> str | None:
+    if any(k.startswith("magic_upsampler.") for k in state_dict):
+        return (
+            "a ParagonSR fork with a MagicKernel upsampler (magic_upsampler.* keys): a different "
+            "network whose scale is not stored in the file, so it is not supported"
+        )
+    if any(k.startswith(("hr_conv_in.", "hr_head.")) for k in state_dict):
+        return (
+            "a ParagonSR v2 network (hr_conv_in/hr_head keys), which this package does not support"
+        )
+    if any(
+        ".spatial_mixer.fused_conv." in k or ".spatial_mixer.identity." in k for k in state_dict
+    ):
+        return (
+            "an early ParagonSR revision (LayerNorm blocks, BatchNorm identity branch), "
+            "which this package does not support"
+        )
+    return None
+
+
+def _other_architecture(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    try:
+        from spandrel import MAIN_REGISTRY
+    except ImportError:
+        return None
+    for support in MAIN_REGISTRY.architectures("detection"):
+        if support.architecture.id == "ParagonSR":
+            continue
+        try:
+            if support.detect(state_dict):
+                return f"{support.architecture.name} (spandrel id {support.architecture.id})"
+        except Exception:  # another architecture's detector failing tells us nothing
+            continue
+    return None
+
+
+def _count(state_dict: Mapping[str, Any], pattern: str) -> int:
+    regex = re.compile(pattern)
+    indices = {int(m.group(1)) for k in state_dict if (m := regex.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    tensor = state_dict.get(key)
+    if tensor is None:
+        raise CheckpointError(None, f"missing key {key!r}", "The checkpoint is incomplete")
+    if tensor.ndim != ndim:
+        raise CheckpointError(
+            None,
+            f"key {key!r} has shape {tuple(tensor.shape)}, expected {ndim} dimensions",
+            "The checkpoint is damaged or from another network",
+        )
+    return tuple(tensor.shape)
+
+
+def inspect_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Inspection:
+    """Work out form and every hyper-parameter from tensor shapes, and check every key."""
+    relative = _unsupported_relative(state_dict)
+    if relative is not None:
+        raise UnsupportedVariantError(None, f"this is {relative}")
+    missing = [k for k in SIGNATURE_KEYS if k not in state_dict]
+    if missing:
+        other = _other_architecture(state_dict)
+        if other is not None or len(missing) > len(SIGNATURE_KEYS) // 2:
+            what = f"it looks like {other}" if other else "its keys match no ParagonSR network"
+            raise CheckpointError(
+                None,
+                f"not a ParagonSR checkpoint: {what}",
+                "Load it with ComfyUI's Load Upscale Model or spandrel" if other else "",
+            )
+        raise CheckpointError(None, f"missing key {missing[0]!r}", "The checkpoint is incomplete")
+
+    non_float = [k for k, v in state_dict.items() if not v.is_floating_point()]
+    if non_float:
+        key = non_float[0]
+        raise CheckpointError(
+            None,
+            f"key {key!r} holds {state_dict[key].dtype} values; ParagonSR weights are floating "
+            "point",
+            "The checkpoint is damaged or from another network",
+        )
+
+    num_feat, in_chans = _shape(state_dict, "conv_in.weight", 4)[:2]
+    out_chans = _shape(state_dict, "conv_out.weight", 4)[0]
+    num_groups = _count(state_dict, r"body\.(\d+)\.")
+    num_blocks = _count(state_dict, r"body\.0\.blocks\.(\d+)\.")
+    hidden = _shape(state_dict, "body.0.blocks.0.transformer.project_in_g.weight", 4)[0]
+    branch, _, square, _ = _shape(state_dict, "body.0.blocks.0.context.dwconv_hw.weight", 4)
+    band = _shape(state_dict, "body.0.blocks.0.context.dwconv_w.weight", 4)[3]
+    upsampled = _shape(state_dict, "upsampler.0.weight", 4)[0]
+    scale = round((upsampled / num_feat) ** 0.5)
+    if scale < 1 or scale * scale * num_feat != upsampled:
+        raise CheckpointError(
+            None,
+            f"key 'upsampler.0.weight' has {upsampled} output channels, which is not "
+            f"{num_feat} features times a square scale",
+            "The checkpoint is damaged or from another network",
+        )
+    if f"{_MIXER}conv3x3.weight" in state_dict:
+        form = "training"
+    elif f"{_MIXER}weight" in state_dict:
+        form = "fused"
+    else:
+        raise CheckpointError(
+            None,
+            f"missing key {_MIXER + 'conv3x3.weight'!r} (training form) or "
+            f"{_MIXER + 'weight'!r} (fused form)",
+            "The checkpoint is incomplete",
+        )
+    try:
+        config = ParagonSRConfig(
+            scale=scale,
+            in_chans=in_chans,
+            out_chans=out_chans,
+            num_feat=num_feat,
+            num_groups=num_groups,
+            num_blocks=num_blocks,
+            ffn_expansion=ratio_for(hidden, num_feat),
+            square_kernel_size=square,
+            band_kernel_size=band,
+            branch_ratio=ratio_for(branch, num_feat),
+        )
+        config.validate()
+    except ValueError as error:
+        raise CheckpointError(None, str(error), "The checkpoint is damaged") from None
+    _check_keys(state_dict, expected_shapes(config, form))
+
+    non_finite = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
+    if non_finite:
+        warnings.warn(
+            f"{len(non_finite)} tensors hold NaN or inf values (first: {non_finite[0]!r}); "
+            "the model's output will be garbage",
+            NonFiniteWeightsWarning,
+            stacklevel=2,
+        )
+    return Inspection(config, form, variant_name(config), non_finite_keys=non_finite)
+
+
+def _check_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> None:
+    for key, shape in expected.items():
+        if key not in state_dict:
+            raise CheckpointError(None, f"missing key {key!r}", "The checkpoint is incomplete")
+        if state_dict[key].shape != shape:
+            raise CheckpointError(
+                None,
+                f"key {key!r} has shape {tuple(state_dict[key].shape)}, expected {tuple(shape)} "
+                "for the configuration the other tensors describe",
+                "The checkpoint is damaged or mixes two networks",
+            )
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        raise CheckpointError(
+            None,
+            f"unexpected key {unexpected[0]!r} ({len(unexpected)} in all)",
+            "The checkpoint mixes ParagonSR with another network",
+        )
+
+
+def expected_shapes(config: ParagonSRConfig, form: str) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = ParagonSR(config, fused=form == "fused")
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def empty_model(config: ParagonSRConfig, form: str) -> ParagonSR:
+    """A model with uninitialized weights, for loading a state dict into (skips random init)."""
+    with torch.device("meta"):
+        model = ParagonSR(config, fused=form == "fused")
+    return model.to_empty(device="cpu").eval()
+
+
+def inspect_checkpoint(source: Source) -> Inspection:
+    """Inspect a checkpoint file or an in-memory state dict."""
+    state_dict, label = _state_dict_of(source)
+    try:
+        inspection = inspect_state_dict(state_dict)
+    except CheckpointError as error:
+        raise error.with_source(label) from None
+    inspection.source = label
+    return inspection
+
+
+def _state_dict_of(source: Source) -> tuple[StateDict, str]:
+    if isinstance(source, Mapping):
+        try:
+            return canonical_state_dict(source), "state dict"
+        except CheckpointError as error:
+            raise error.with_source("state dict") from None
+    return read_state_dict(source), str(source)
+
+
+def load_model(source: Source, *, device: str | torch.device = "cpu") -> ParagonSR:
+    """Load a ParagonSR checkpoint (file or state dict) in the form it was saved, in eval mode.
+
+    Evaluating it without gradients runs the inference-optimized network; ``model.train()`` gives
+    the trainable network with the original key names.
+    """
+    state_dict, label = _state_dict_of(source)
+    try:
+        inspection = inspect_state_dict(state_dict)
+    except CheckpointError as error:
+        raise error.with_source(label) from None
+    model = empty_model(inspection.config, inspection.form)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device)
+
+
+def save_checkpoint(
+    model: ParagonSR | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a flat safetensors checkpoint atomically: a temporary file, then a rename."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(
+            path, "checkpoints are written as safetensors", "Name it *.safetensors"
+        )
+    if path.exists() and not overwrite:
+        raise CheckpointError(path, "already exists", "Choose another name or allow overwriting")
+    if not path.parent.is_dir():
+        raise CheckpointError(path, "the folder does not exist", "Create it first")
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # Written through our own open() in the same folder: the rename is then atomic, and the file
+    # gets the user's usual permissions (safetensors' save_file and mkstemp both create 0600).
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(save(tensors, metadata=dict(metadata or {})))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(path, f"could not be written ({error.strerror})") from None
+        raise
+    return path

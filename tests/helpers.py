@@ -1,0 +1,67 @@
+"""Helpers shared by the tests: where the reference fixtures live, seeded models and inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import paragonsr  # noqa: F401  (registers ParagonSR with spandrel)
+from paragonsr.arch import ParagonSR, ParagonSRConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def reference_dir() -> Path:
+    """The original implementation's checkpoints and outputs (shared/fixtures/reference)."""
+    candidates = [
+        Path(os.environ["PARAGONSR_REFERENCE"]) if "PARAGONSR_REFERENCE" in os.environ else None,
+        REPO.parent / "shared" / "fixtures" / "reference",
+        REPO / "shared" / "fixtures" / "reference",
+    ]
+    for candidate in candidates:
+        if candidate is not None and (candidate / "manifest.json").is_file():
+            return candidate
+    raise RuntimeError(
+        "reference fixtures not found: expected ../shared/fixtures/reference beside the "
+        "repository, or set PARAGONSR_REFERENCE to that folder"
+    )
+
+
+REFERENCE = reference_dir()
+MANIFEST = {case["name"]: case for case in json.loads((REFERENCE / "manifest.json").read_text())}
+
+
+def randomized_model(config: ParagonSRConfig, *, fused: bool = False, seed: int = 0) -> ParagonSR:
+    """A model whose every parameter is non-trivial (LayerScale well above its 1e-5 init,
+    GroupNorm away from identity), so that a block wired wrong changes the output visibly."""
+    generator = torch.Generator().manual_seed(seed)
+    model = ParagonSR(config, fused=fused)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gamma"):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 0.35 + 0.05)
+            elif ".norm" in name and name.endswith("weight"):
+                parameter.copy_(1 + 0.3 * torch.randn(parameter.shape, generator=generator))
+            elif ".norm" in name and name.endswith("bias"):
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+            else:
+                fan_in = parameter[0].numel() if parameter.ndim > 1 else 4
+                std = (1.0 / fan_in) ** 0.5
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return model.eval()
+
+
+def float64_reference(model: ParagonSR, image: torch.Tensor) -> torch.Tensor:
+    """The plain (unoptimized) forward of ``model``'s weights, evaluated in float64."""
+    twin = ParagonSR(model.config, fused=model.form == "fused").double()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return twin.forward_plain(image.double())
+
+
+def seeded_image(channels: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(1, channels, height, width, generator=generator)

@@ -1,0 +1,125 @@
+"""Compatibility with checkpoints and outputs made by the original implementation."""
+
+from __future__ import annotations
+
+import pytest
+import spandrel
+import torch
+from safetensors.torch import load_file
+
+from paragonsr import (
+    fuse_for_release,
+    inspect_checkpoint,
+    load_descriptor,
+    load_model,
+    optimize_for_inference,
+    save_checkpoint,
+)
+
+from helpers import MANIFEST, REFERENCE
+
+TOLERANCE = 1e-4
+FILES = [
+    ("nano_x2", "train.safetensors", "training"),
+    ("nano_x2", "fused.safetensors", "fused"),
+    ("tiny_x4", "train.safetensors", "training"),
+    ("tiny_x4", "fused.safetensors", "fused"),
+    ("tiny_x4", "params_ema.pth", "training"),
+]
+IDS = [f"{case}.{suffix}" for case, suffix, _ in FILES]
+
+
+def reference_io(case: str) -> dict[str, torch.Tensor]:
+    return load_file(REFERENCE / f"{case}.io.safetensors")
+
+
+@pytest.mark.parametrize(("case", "suffix", "form"), FILES, ids=IDS)
+def test_hyper_parameters_come_from_the_tensors(case: str, suffix: str, form: str) -> None:
+    inspection = inspect_checkpoint(REFERENCE / f"{case}.{suffix}")
+    expected = MANIFEST[case]
+    config = inspection.config
+    assert inspection.form == form
+    assert (config.scale, config.in_chans, config.out_chans) == (
+        expected["scale"],
+        expected["in_chans"],
+        expected["in_chans"],
+    )
+    assert (config.num_feat, config.num_groups, config.num_blocks) == (
+        expected["num_feat"],
+        expected["num_groups"],
+        expected["num_blocks"],
+    )
+    assert config.ffn_expansion == expected["ffn_expansion"]
+    assert (config.square_kernel_size, config.band_kernel_size, config.branch_ratio) == (
+        3,
+        11,
+        0.125,
+    )
+    assert inspection.variant == case.split("_")[0]
+
+
+@pytest.mark.parametrize(("case", "suffix", "form"), FILES, ids=IDS)
+def test_spandrel_loads_without_hints_and_reproduces_expected(
+    case: str, suffix: str, form: str
+) -> None:
+    io = reference_io(case)
+    descriptor = spandrel.ModelLoader().load_from_file(REFERENCE / f"{case}.{suffix}")
+    assert isinstance(descriptor, spandrel.ImageModelDescriptor)
+    assert descriptor.architecture.id == "ParagonSR"
+    assert descriptor.scale == MANIFEST[case]["scale"]
+    assert descriptor.input_channels == descriptor.output_channels == 3
+    assert form in descriptor.tags
+    # The descriptor runs the inference-optimized network and clamps to [0, 1].
+    output = descriptor(io["input"])
+    assert output.shape == io["expected"].shape
+    error = (output.double() - io["expected"].clamp(0, 1)).abs().max().item()
+    assert error < TOLERANCE
+
+
+@pytest.mark.parametrize(("case", "suffix", "form"), FILES, ids=IDS)
+def test_every_path_matches_float64_ground_truth(case: str, suffix: str, form: str) -> None:
+    io = reference_io(case)
+    model = load_model(REFERENCE / f"{case}.{suffix}")
+    assert model.form == form
+    with torch.no_grad():
+        plain = model.forward_plain(io["input"])
+        optimized = optimize_for_inference(model)(io["input"])
+        optimized_nchw = optimize_for_inference(model, channels_last=False)(io["input"])
+    for output in (plain, optimized, optimized_nchw):
+        assert (output.double() - io["expected"]).abs().max().item() < TOLERANCE
+    # Evaluation without gradients dispatches to the optimized network.
+    with torch.inference_mode():
+        assert torch.equal(model(io["input"]), optimized)
+
+
+@pytest.mark.parametrize("case", ["nano_x2", "tiny_x4"])
+def test_release_fusion_matches_the_reference_fused_file(case: str, tmp_path) -> None:
+    reference = load_file(REFERENCE / f"{case}.fused.safetensors")
+    model = fuse_for_release(load_model(REFERENCE / f"{case}.train.safetensors"))
+    written = save_checkpoint(model, tmp_path / "fused.safetensors")
+    ours = load_file(written)
+    assert list(sorted(ours)) == list(sorted(reference))
+    for key, tensor in reference.items():
+        assert ours[key].shape == tensor.shape, key
+        assert ours[key].dtype == tensor.dtype, key
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-6, msg=key)
+    io = reference_io(case)
+    with torch.no_grad():
+        fused_output = model.forward_plain(io["input"])
+    assert (fused_output - io["expected_fused"]).abs().max().item() < 1e-5
+
+
+def test_descriptor_api_names_the_file_on_error(tmp_path) -> None:
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        load_descriptor(bad)
+
+
+def test_load_descriptor_matches_spandrel() -> None:
+    path = REFERENCE / "nano_x2.train.safetensors"
+    ours = load_descriptor(path)
+    theirs = spandrel.ModelLoader().load_from_file(path)
+    image = reference_io("nano_x2")["input"]
+    assert torch.equal(ours(image), theirs(image))
+    assert ours.tags == theirs.tags == ["nano", "24nf", "3x2", "ffn1.5", "training"]
