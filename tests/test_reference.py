@@ -7,6 +7,7 @@ import spandrel
 import torch
 from safetensors.torch import load_file
 
+from helpers import MANIFEST, REFERENCE
 from paragonsr import (
     fuse_for_release,
     inspect_checkpoint,
@@ -15,8 +16,6 @@ from paragonsr import (
     optimize_for_inference,
     save_checkpoint,
 )
-
-from helpers import MANIFEST, REFERENCE
 
 TOLERANCE = 1e-4
 FILES = [
