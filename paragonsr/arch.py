@@ -334,7 +334,12 @@ class ParagonSR(nn.Module):
         """The inference-optimized network for the current weights, device and dtype (cached)."""
         from .fusion import optimize_for_inference
 
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        key = tuple(
+            # Tensors made under inference_mode keep no version counter; they can only change
+            # in place inside inference_mode, where nothing trains.
+            (p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device)
+            for p in self.parameters()
+        )
         if self._inference_cache is None or self._inference_cache[0] != key:
             self._inference_cache = None  # drop the stale copy before building the new one
             self._inference_cache = (key, optimize_for_inference(self))
@@ -342,10 +347,12 @@ class ParagonSR(nn.Module):
 
 
 def macs_per_pixel(config: ParagonSRConfig, form: str) -> int:
-    """Multiply-accumulates per low-resolution input pixel of the convolutions in ``form``:
-    "training", "fused" or "optimized" (the in-memory inference network). Normalization,
-    activation and LayerScale are elementwise and not counted; neither are the optimized tail's
-    border strips, which cost O(perimeter)."""
+    """Multiply-accumulates per low-resolution input pixel of the convolutions in ``form``.
+
+    "training" is the original's three-branch forward (this package's training forward convolves
+    with the summed mixer kernel and costs what "fused" costs); "optimized" is the in-memory
+    inference network. Normalization, activation and LayerScale are elementwise and not counted;
+    neither are the optimized tail's exact border strips, which cost O(perimeter)."""
     nf, hidden, branch = config.num_feat, config.ffn_hidden, config.branch_channels
     mixer_taps = 9 + 1 + 9 if form == "training" else 9
     block = (

@@ -127,10 +127,13 @@ def _read_safetensors(path: Path) -> StateDict:
 
 def _read_pickle(path: Path) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the refusal below says more.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if "GLOBAL" in str(error) or "global" in str(error) or "Unsupported" in str(error):
+        detail = _unpickler_detail(str(error))
+        if "GLOBAL" in detail:
             raise CheckpointError(
                 path,
                 "refused: the pickle references Python objects beyond tensors and plain "
@@ -138,7 +141,9 @@ def _read_pickle(path: Path) -> Any:
                 "If you trust its origin, re-save only its state dict as .safetensors",
             ) from None
         raise CheckpointError(
-            path, f"not a readable PyTorch checkpoint ({detail})", "Download or export it again"
+            path,
+            f"not a readable PyTorch checkpoint ({detail})",
+            "Download or export it again, or convert it to .safetensors",
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -147,6 +152,13 @@ def _read_pickle(path: Path) -> Any:
             f"not a readable PyTorch checkpoint, probably truncated or corrupt ({detail})",
             "Download or export it again",
         ) from None
+
+
+def _unpickler_detail(message: str) -> str:
+    """The one informative line of torch's long weights-only refusal."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", message, re.DOTALL)
+    detail = (match.group(1) if match else message).strip().splitlines()[0]
+    return detail.split(" was not an allowed global")[0]
 
 
 def canonical_state_dict(raw: Any) -> StateDict:

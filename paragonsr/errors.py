@@ -27,7 +27,7 @@ class CheckpointError(ParagonSRError, ValueError):
 
     def with_source(self, source: str | Path) -> CheckpointError:
         """The same error, naming the file it came from."""
-        return CheckpointError(source, self.problem, self.fix)
+        return type(self)(source, self.problem, self.fix)
 
 
 class UnsupportedVariantError(CheckpointError):

@@ -18,8 +18,9 @@ The tail ``conv 3x3 (nf -> nf*s^2) -> PixelShuffle(s) -> conv 3x3 (nf -> out)`` 
 collapses into one 5x5 convolution at low resolution (``nf -> out*s^2``) followed by PixelShuffle,
 which never materializes the nf-channel high-resolution feature map. Composition is exact except
 where ``conv_out``'s zero padding meets the image border: there the original pads the
-*intermediate* map with zeros, whereas the composite would see its values extrapolated. Those
-border pixels are recomputed exactly from 3-pixel strips of the input.
+*intermediate* map with zeros, whereas the composite would see its values extrapolated. The
+outermost output row and column on each side are recomputed exactly from 2- or 3-pixel strips
+of the input.
 
 Every fold is done in float64 and only then cast to the model's dtype.
 """
@@ -220,11 +221,15 @@ class OptimizedParagonSR(nn.Module):
             return self.tail_exact(x)
         s = self.scale
         fast = F.pixel_shuffle(F.conv2d(x, self.tail_weight, self.tail_bias, padding=2), s)
-        top = self.tail_exact(x[:, :, :3])[:, :, :s]
-        bottom = self.tail_exact(x[:, :, -3:])[:, :, -s:]
-        left = self.tail_exact(x[:, :, :, :3])[:, :, s:-s, :s]
-        right = self.tail_exact(x[:, :, :, -3:])[:, :, s:-s, -s:]
-        middle = torch.cat((left, fast[:, :, s:-s, s:-s], right), dim=3)
+        # Only the outermost output row/column sees conv_out's padding of the intermediate map.
+        # It needs the intermediate rows 0 and 1: low-resolution row 0 alone when s >= 2, which
+        # in turn needs input rows 0-1; rows 0-1 (input rows 0-2) when s == 1.
+        rows = 2 if s > 1 else 3
+        top = self.tail_exact(x[:, :, :rows])[:, :, :1]
+        bottom = self.tail_exact(x[:, :, -rows:])[:, :, -1:]
+        left = self.tail_exact(x[:, :, :, :rows])[:, :, 1:-1, :1]
+        right = self.tail_exact(x[:, :, :, -rows:])[:, :, 1:-1, -1:]
+        middle = torch.cat((left, fast[:, :, 1:-1, 1:-1], right), dim=3)
         return torch.cat((top, middle, bottom), dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
