@@ -91,44 +91,53 @@ class OptimizedBlock(nn.Module):
         self.register_buffer("project_out_bias", _f64(ffn.project_out.bias) * gamma2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Context: the pass-through channels are x + normed; each branch's channels are then
+        # overwritten with x + conv(normed), which avoids a split/concatenate round trip.
+        residual = x
         normed = F.group_norm(x, 1, self.norm1_weight, self.norm1_bias, self.eps1)
-        passthrough, square, wide, tall = torch.split(normed, self.split_sizes, dim=1)
-        context = torch.cat(
-            (
-                passthrough,
-                F.conv2d(
-                    square,
-                    self.context0_weight,
-                    self.context0_bias,
-                    padding=self.paddings[0],
-                    groups=square.shape[1],
-                ),
-                F.conv2d(
-                    wide,
-                    self.context1_weight,
-                    self.context1_bias,
-                    padding=self.paddings[1],
-                    groups=wide.shape[1],
-                ),
-                F.conv2d(
-                    tall,
-                    self.context2_weight,
-                    self.context2_bias,
-                    padding=self.paddings[2],
-                    groups=tall.shape[1],
-                ),
-            ),
-            dim=1,
-        )
-        x = x + context  # a new tensor: the caller's x stays intact for its own residual
+        x = residual + normed  # a new tensor: the caller's x stays intact for its own residual
+        start = self.split_sizes[0]
+        for index, size in enumerate(self.split_sizes[1:]):
+            channels = slice(start, start + size)
+            branch = F.conv2d(
+                normed[:, channels],
+                getattr(self, f"context{index}_weight"),
+                getattr(self, f"context{index}_bias"),
+                padding=self.paddings[index],
+                groups=size,
+            )
+            torch.add(residual[:, channels], branch, out=x[:, channels])
+            start += size
 
+        # FFN, in bands of rows. Its temporaries are 2*hidden channels wide; whole-image ones
+        # cost page faults on every allocation (glibc returns big blocks to the system) and fall
+        # out of cache between the six elementwise passes. Bands fix both. The band reads its
+        # halo row from `normed`, never from x, so x can be updated in place band by band.
         normed = F.group_norm(x, 1, None, None, self.eps2)
-        gate, value = F.conv2d(normed, self.project_in_weight, self.project_in_bias).split(
-            self.hidden, dim=1
-        )
-        gate = F.conv2d(gate, self.mixer_weight, self.mixer_bias, padding=1, groups=self.hidden)
-        gated = mish_(gate).mul_(value)
-        return x.add_(F.conv2d(gated, self.project_out_weight, self.project_out_bias))
+        height = x.shape[2]
+        rows = band_rows(x.shape[0] * x.shape[3] * 2 * self.hidden * x.element_size(), height)
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            first, last = max(0, top - 1), min(height, bottom + 1)
+            gate, value = F.conv2d(
+                normed[:, :, first:last], self.project_in_weight, self.project_in_bias
+            ).split(self.hidden, dim=1)
+            inside = slice(top - first, bottom - first)
+            gate = F.conv2d(gate, self.mixer_weight, self.mixer_bias, padding=1, groups=self.hidden)
+            gated = mish_(gate[:, :, inside]).mul_(value[:, :, inside])
+            x[:, :, top:bottom].add_(
+                F.conv2d(gated, self.project_out_weight, self.project_out_bias)
+            )
+        return x
+
+
+BAND_BYTES = 8 << 20
+
+
+def band_rows(bytes_per_row: int, height: int) -> int:
+    """Rows per band so that one band's widest temporary holds about BAND_BYTES (at least 16
+    rows, to keep the one-row halos cheap)."""
+    return max(16, min(height, BAND_BYTES // max(1, bytes_per_row)))
 
 
 def mish_(x: torch.Tensor) -> torch.Tensor:

@@ -129,3 +129,18 @@ def test_invalid_configurations_are_refused(bad: dict) -> None:
 def test_unknown_variant_lists_the_family() -> None:
     with pytest.raises(ValueError, match="nano, tiny, xs, s, m, l, xl"):
         build_model("huge", 4)
+
+
+@pytest.mark.parametrize("height", [16, 17, 33, 40])
+def test_ffn_bands_join_without_seams(monkeypatch, height: int) -> None:
+    """With the smallest bands (16 rows) images split into several; each band's halo row must
+    reproduce the whole-image result exactly, including the last partial band."""
+    model = randomized_model(config_for_variant("nano", 2))
+    image = seeded_image(3, height, 11)
+    with torch.no_grad():
+        whole = optimize_for_inference(model)(image)
+        monkeypatch.setattr("paragonsr.fusion.BAND_BYTES", 1)
+        banded = optimize_for_inference(model)(image)
+        expected = model.double().forward_plain(image.double())
+    assert (banded.double() - expected).abs().max().item() < 1e-4
+    torch.testing.assert_close(banded, whole, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,147 @@
+"""CPU inference speed of every way to run ParagonSR, as a table.
+
+    .venv/bin/python bench/bench_inference.py [--threads 2] [--size 256] [--repeats 5]
+        [--models tiny:4,nano:2,s:4] [--keep-freed-memory] [--compile]
+
+Rows per model: the original's deployed forms (training form in eval, re-fusing every forward;
+release form), this package's plain release-form forward, and the inference-optimized network in
+NCHW and channels_last (and torch.compiled with --compile). Timings are medians of interleaved
+repeats, so the ratios in one table come from the same stretch of machine time. Weights are
+seeded random with LayerScale 0.05-0.4, as trained models have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_style import reference_style  # noqa: E402
+
+from paragonsr import config_for_variant, fuse_for_release, optimize_for_inference  # noqa: E402
+from paragonsr.arch import ParagonSR, macs_per_pixel  # noqa: E402
+from paragonsr.runtime import keep_freed_cpu_memory  # noqa: E402
+
+
+def seeded_model(variant: str, scale: int) -> ParagonSR:
+    torch.manual_seed(0)
+    model = ParagonSR(config_for_variant(variant, scale)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gamma"):
+                parameter.uniform_(0.05, 0.4)
+    return model.set_inference_optimization(False)
+
+
+def candidates(variant: str, scale: int, compile_: bool) -> list[tuple[str, str, object, bool]]:
+    """(label, MACs form, callable, run in reference style)."""
+    training = seeded_model(variant, scale)
+    fused = seeded_model(variant, scale)
+    fuse_for_release(fused)
+    rows = [
+        ("original: training form, eval", "training", training.forward_plain, True),
+        ("original: release-fused", "fused", fused.forward_plain, True),
+        ("plain release-fused (ours)", "fused", fused.forward_plain, False),
+        (
+            "optimized, NCHW",
+            "optimized",
+            optimize_for_inference(training, channels_last=False),
+            False,
+        ),
+        ("optimized, channels_last", "optimized", optimize_for_inference(training), False),
+    ]
+    if compile_:
+        compiled = torch.compile(optimize_for_inference(training), dynamic=False)
+        rows.append(("optimized + torch.compile", "optimized", compiled, False))
+    return rows
+
+
+def measure(model: str, size: int, repeats: int, compile_: bool) -> list[dict]:
+    variant, scale = model.split(":")
+    scale = int(scale)
+    config = config_for_variant(variant, scale)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    rows = candidates(variant, scale, compile_)
+    times: dict[str, list[float]] = {label: [] for label, *_ in rows}
+    with torch.inference_mode():
+        for _label, _, run, reference in rows:  # warm-up (and compilation)
+            with reference_style() if reference else _nothing():
+                run(image)
+        for _ in range(repeats):
+            for label, _, run, reference in rows:
+                with reference_style() if reference else _nothing():
+                    start = time.perf_counter()
+                    run(image)
+                    times[label].append(time.perf_counter() - start)
+    best = statistics.median(times["optimized, channels_last"])
+    results = []
+    for label, form, _, _ in rows:
+        seconds = statistics.median(times[label])
+        macs = macs_per_pixel(config, form)
+        results.append(
+            {
+                "model": f"{variant} x{scale}",
+                "path": label,
+                "ms": seconds * 1000,
+                "vs_optimized": seconds / best,
+                "macs_per_px": macs,
+                "gflops": 2 * macs * size * size / seconds / 1e9,
+            }
+        )
+    return results
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="tiny:4,nano:2,s:4")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="raise glibc's mmap/trim thresholds first, as the CLI does",
+    )
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    allocator = (
+        "kept freed memory"
+        if args.keep_freed_memory and keep_freed_cpu_memory()
+        else ("glibc defaults")
+    )
+    print(
+        f"# CPU, {args.threads} threads, 1x3x{args.size}x{args.size} float32, "
+        f"allocator: {allocator}, torch {torch.__version__}, median of {args.repeats}"
+    )
+    print(
+        f"| {'model':<8} | {'path':<32} | {'ms':>8} | {'x optimized':>11} | "
+        f"{'MACs/px':>9} | {'GFLOP/s':>7} |"
+    )
+    print(f"|{'-' * 10}|{'-' * 34}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 9}|")
+    for model in args.models.split(","):
+        for row in measure(model, args.size, args.repeats, args.compile):
+            print(
+                f"| {row['model']:<8} | {row['path']:<32} | {row['ms']:>8.1f} | "
+                f"{row['vs_optimized']:>11.2f} | {row['macs_per_px']:>9,} | "
+                f"{row['gflops']:>7.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
