@@ -93,6 +93,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(path, "file not found", "Check the path")
     if not path.is_file():
         raise CheckpointError(path, "is not a file", "Give the path of a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(path, "permission denied", "Make the file readable for this user")
     if path.stat().st_size == 0:
         raise CheckpointError(path, "the file is empty", "Download or export it again")
     suffix = path.suffix.lower()

@@ -247,8 +247,8 @@ class OptimizedParagonSR(nn.Module):
         shallow = F.conv2d(x, self.conv_in_weight, self.conv_in_bias, padding=1)
         deep = shallow
         for group in self.groups:
-            deep = group(deep) + deep
-        deep = F.conv2d(deep, self.conv_fuse_weight, self.conv_fuse_bias, padding=1) + shallow
+            deep = group(deep).add_(deep)  # blocks return a tensor of their own
+        deep = F.conv2d(deep, self.conv_fuse_weight, self.conv_fuse_bias, padding=1).add_(shallow)
         return self.tail(deep).contiguous()
 
 

@@ -5,8 +5,11 @@ activation-sized buffer (megabytes) comes from a fresh ``mmap`` and goes back on
 layer pays for page faults and zeroing by the kernel: measured on tiny x4 at 256x256 with 2
 threads, that doubled the time of a whole forward pass. Raising the mmap and trim thresholds keeps
 freed memory in the process for reuse. The cost is that the process keeps its peak memory
-instead of returning it to the system, which is why this is opt-in: the CLI and the benchmarks
-call it; a library import never does.
+instead of returning it to the system, which is why this is opt-in: importing the library never
+calls it; the benchmarks do when given --keep-freed-memory.
+
+The optimized network already keeps its widest temporaries small (see ``fusion.band_rows``), which
+recovers most of the loss without this setting.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import MANIFEST, REFERENCE
 from paragonsr.arch import macs_per_pixel
@@ -138,3 +138,25 @@ def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0
     assert "usage: paragonsr" in result.stdout
+
+
+def test_nan_weights_warn_in_one_line_and_still_fuse(tmp_path) -> None:
+    state = load_file(REFERENCE / "nano_x2.train.safetensors")
+    state["conv_out.bias"][0] = float("inf")
+    source = tmp_path / "inf.safetensors"
+    save_file(state, source)
+    # A real process: pytest records warnings instead of printing them.
+    result = subprocess.run(
+        [sys.executable, "-m", "paragonsr", "fuse", str(source), str(tmp_path / "out.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    warning_lines = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warning_lines == [
+        "paragonsr: warning: 1 tensors hold NaN or inf values (first: 'conv_out.bias'); "
+        "the model's output will be garbage"
+    ]
+    info = run("info", str(source))
+    assert "WARNING:    1 tensors hold NaN or inf values" in info.stdout
