@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import ParagonBlock, ParagonSR, ReparamDepthwise3x3
+from .tiles import grid, run_tiled
 
 
 def fuse_for_release(model: ParagonSR) -> ParagonSR:
@@ -90,12 +91,17 @@ class OptimizedBlock(nn.Module):
         )
         self.register_buffer("project_out_bias", _f64(ffn.project_out.bias) * gamma2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Context: the pass-through channels are x + normed; each branch's channels are then
-        # overwritten with x + conv(normed), which avoids a split/concatenate round trip.
-        residual = x
-        normed = F.group_norm(x, 1, self.norm1_weight, self.norm1_bias, self.eps1)
-        x = residual + normed  # a new tensor: the caller's x stays intact for its own residual
+    @property
+    def context_halo(self) -> int:
+        """How far the context convolutions reach, in pixels (the band kernel's half width)."""
+        return max(max(padding) for padding in self.paddings)
+
+    def context(self, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """``residual + LayerScale(context(normed))`` for a region; ``normed`` is GroupNorm-1's
+        output with this block's folded affine (see :meth:`norm1_affine`)."""
+        # The pass-through channels are residual + normed; each branch's channels are then
+        # overwritten with residual + conv(normed): no split/concatenate round trip.
+        out = residual + normed
         start = self.split_sizes[0]
         for index, size in enumerate(self.split_sizes[1:]):
             channels = slice(start, start + size)
@@ -106,28 +112,42 @@ class OptimizedBlock(nn.Module):
                 padding=self.paddings[index],
                 groups=size,
             )
-            torch.add(residual[:, channels], branch, out=x[:, channels])
+            torch.add(residual[:, channels], branch, out=out[:, channels])
             start += size
+        return out
 
-        # FFN, in bands of rows. Its temporaries are 2*hidden channels wide; whole-image ones
-        # cost page faults on every allocation (glibc returns big blocks to the system) and fall
-        # out of cache between the six elementwise passes. Bands fix both. The band reads its
-        # halo row from `normed`, never from x, so x can be updated in place band by band.
+    def ffn_delta(self, normed: torch.Tensor) -> torch.Tensor:
+        """``LayerScale(ffn(normed))`` for a region; ``normed`` is GroupNorm-2's output without
+        affine (folded into the projection). Reaches one pixel (the 3x3 mixer)."""
+        gate, value = F.conv2d(normed, self.project_in_weight, self.project_in_bias).split(
+            self.hidden, dim=1
+        )
+        gate = F.conv2d(gate, self.mixer_weight, self.mixer_bias, padding=1, groups=self.hidden)
+        return F.conv2d(mish_(gate).mul_(value), self.project_out_weight, self.project_out_bias)
+
+    def norm1_affine(self, mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(scale, shift) with GroupNorm-1(x) == x * scale + shift, from per-sample statistics
+        shaped [N, 1, 1, 1]."""
+        scale = rstd * self.norm1_weight.view(1, -1, 1, 1)
+        return scale, self.norm1_bias.view(1, -1, 1, 1) - mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.context(x, F.group_norm(x, 1, self.norm1_weight, self.norm1_bias, self.eps1))
+        # The FFN runs in bands of rows. Its temporaries are 2*hidden channels wide; whole-image
+        # ones cost page faults on every allocation (glibc returns big blocks to the system) and
+        # fall out of cache between the elementwise passes. Each band reads its halo row from
+        # `normed`, never from x, so x can be updated in place band by band.
         normed = F.group_norm(x, 1, None, None, self.eps2)
-        height = x.shape[2]
-        rows = band_rows(x.shape[0] * x.shape[3] * 2 * self.hidden * x.element_size(), height)
-        for top in range(0, height, rows):
-            bottom = min(height, top + rows)
-            first, last = max(0, top - 1), min(height, bottom + 1)
-            gate, value = F.conv2d(
-                normed[:, :, first:last], self.project_in_weight, self.project_in_bias
-            ).split(self.hidden, dim=1)
-            inside = slice(top - first, bottom - first)
-            gate = F.conv2d(gate, self.mixer_weight, self.mixer_bias, padding=1, groups=self.hidden)
-            gated = mish_(gate[:, :, inside]).mul_(value[:, :, inside])
-            x[:, :, top:bottom].add_(
-                F.conv2d(gated, self.project_out_weight, self.project_out_bias)
-            )
+        height, width = x.shape[2:]
+        rows = band_rows(x.shape[0] * width * 2 * self.hidden * x.element_size(), height)
+        run_tiled(
+            lambda region: self.ffn_delta(normed[..., region.top : region.bottom, :]),
+            grid(height, width, rows, width),
+            1,
+            height,
+            width,
+            lambda tile, delta: x[..., tile.top : tile.bottom, :].add_(delta),
+        )
         return x
 
 
@@ -224,7 +244,10 @@ class OptimizedParagonSR(nn.Module):
         )
         return F.conv2d(upsampled, self.out_weight, self.out_bias, padding=1)
 
+    tail_halo = 2  # the collapsed 5x5 kernel's reach, in low-resolution pixels
+
     def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsampler and output convolution of a region, border pixels exact."""
         height, width = x.shape[-2:]
         if height < 3 or width < 3:
             return self.tail_exact(x)

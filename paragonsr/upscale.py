@@ -1,0 +1,337 @@
+"""``upscale``: images in, images out, with any spandrel model (ParagonSR gets exact tiling).
+
+Handles what sits around the tiling engine: device and precision, tile size, channel layouts
+(grayscale, RGBA), frame-by-frame batches into a preallocated CPU output, progress and
+cancellation. The tiling itself is :mod:`paragonsr.tiling`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from spandrel import ImageModelDescriptor
+
+from .arch import ParagonSR
+from .tiles import Tile
+from .tiling import (
+    ALPHA_MODES,
+    DTYPES,
+    MIN_TILE,
+    MODES,
+    PRECISIONS,
+    ExactStreamer,
+    Progress,
+    UpscaleError,
+    overlap_upscale,
+    warn_once,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 64_000_000  # input pixels; a 8000x8000 image
+
+
+@dataclass(frozen=True)
+class UpscaleSettings:
+    """How to upscale. ``tile=None`` picks a size from free memory; ``mode=None`` is exact for
+    ParagonSR and overlap for other models."""
+
+    tile: int | None = None
+    mode: str | None = None
+    overlap: int = 32
+    precision: str = "auto"
+    alpha: str = "bilinear"
+    device: str | torch.device | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise UpscaleError(f"unknown mode {self.mode!r}; choose {' or '.join(MODES)}")
+        if self.precision not in PRECISIONS:
+            raise UpscaleError(
+                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
+            )
+        if self.alpha not in ALPHA_MODES:
+            raise UpscaleError(f"unknown alpha mode {self.alpha!r}; choose bilinear or model")
+        if self.tile is not None and self.tile < MIN_TILE:
+            raise UpscaleError(f"tile size {self.tile} is below the minimum of {MIN_TILE} px")
+        if self.overlap < 0:
+            raise UpscaleError("overlap must not be negative")
+
+
+def as_descriptor(model: ImageModelDescriptor | ParagonSR) -> ImageModelDescriptor:
+    if isinstance(model, ImageModelDescriptor):
+        return model
+    if isinstance(model, ParagonSR):
+        from .spandrel_arch import ParagonSRArch
+
+        descriptor = ParagonSRArch().load(model.state_dict())
+        return descriptor.to(next(model.parameters()).device)
+    raise TypeError(f"expected a spandrel ImageModelDescriptor or ParagonSR, got {type(model)}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UpscaleError("CUDA was requested but is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(descriptor: ImageModelDescriptor, precision: str, device: torch.device):
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        if descriptor.supports_bfloat16 and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if descriptor.supports_half else torch.float32
+    dtype = DTYPES[precision]
+    supported = {torch.float16: descriptor.supports_half,
+                 torch.bfloat16: descriptor.supports_bfloat16}.get(dtype, True)
+    if not supported:
+        warn_once(
+            f"{descriptor.architecture.name} is not known to be accurate in {precision}; "
+            "frames with inf/NaN are recomputed in fp32"
+        )
+    return dtype
+
+
+def is_paragonsr(descriptor: ImageModelDescriptor) -> bool:
+    return isinstance(descriptor.model, ParagonSR)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes: CUDA's free memory, or the system's available RAM on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def bytes_per_tile_pixel(descriptor: ImageModelDescriptor, element_size: int) -> int:
+    """Peak temporary bytes per low-resolution tile pixel. ParagonSR's come from its shapes
+    (FFN temporaries, collapsed tail, high-resolution output); for other architectures a
+    conservative rule of thumb (64 features over ten live layers, at output resolution)."""
+    scale2 = descriptor.scale**2
+    if is_paragonsr(descriptor):
+        config = descriptor.model.config
+        channels = 6 * config.ffn_hidden + 4 * config.num_feat + 3 * config.out_chans * scale2
+        return channels * element_size
+    return 64 * 10 * scale2 * element_size
+
+
+def image_bytes(descriptor: ImageModelDescriptor, height: int, width: int, element_size: int):
+    """Memory exact mode holds for the whole image: four maps of the residual stream."""
+    if not is_paragonsr(descriptor):
+        return 0
+    return 4 * descriptor.model.config.num_feat * height * width * element_size
+
+
+def auto_tile(descriptor, device: torch.device, dtype: torch.dtype, height: int, width: int,
+              free: int | None = None) -> int:
+    """The largest tile (a multiple of 32, at least MIN_TILE) whose temporaries fit in half of
+    the free memory after the whole-image maps; the image's longer side if everything fits."""
+    element_size = torch.finfo(dtype).bits // 8
+    free = available_memory(device) if free is None else free
+    budget = free // 2 - image_bytes(descriptor, height, width, element_size)
+    per_pixel = bytes_per_tile_pixel(descriptor, element_size)
+    side = int(math.sqrt(max(budget, 0) / per_pixel)) if budget > 0 else 0
+    if side * side >= height * width and side >= max(height, width):
+        return max(height, width)
+    return max(MIN_TILE, side // 32 * 32)
+
+
+@dataclass
+class _Frame:
+    color: torch.Tensor  # [1, model channels, H, W]
+    alpha: torch.Tensor | None  # [1, 1, H, W]
+    gray_output: bool
+
+
+def plan_channels(channels: int, model_channels: int) -> tuple[int, bool]:
+    """(colour channels, has alpha) of an image for a model, or an error naming the mismatch."""
+    if channels == model_channels:
+        return channels, False
+    color, alpha = (channels - 1, True) if channels in (2, 4) else (channels, False)
+    if color == model_channels or (color == 1 and model_channels == 3):
+        return color, alpha
+    raise UpscaleError(
+        f"the model takes {model_channels}-channel images and cannot serve a {channels}-channel "
+        "image" + ("; convert the image to grayscale" if model_channels == 1 else "")
+    )
+
+
+def upscale(
+    model: ImageModelDescriptor | ParagonSR,
+    images: torch.Tensor,
+    settings: UpscaleSettings | None = None,
+    *,
+    tick: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Upscale ``images`` [B, C, H, W] (float, [0, 1], any device) to a float32 CPU tensor
+    [B, C, H*s, W*s] clamped to [0, 1]. C may be 1 (gray), 2 (gray + alpha), 3 or 4 (RGBA).
+
+    ``tick(done, total)`` is called after every tile of every frame; ``cancelled()`` before
+    every tile, and returning True stops with :class:`~paragonsr.tiling.UpscaleCancelled`.
+    """
+    settings = settings or UpscaleSettings()
+    settings.validate()
+    descriptor = as_descriptor(model)
+    if images.ndim != 4:
+        raise UpscaleError(f"expected images shaped [B, C, H, W], got {tuple(images.shape)}")
+    batch, channels, height, width = images.shape
+    if batch == 0 or height == 0 or width == 0:
+        raise UpscaleError(f"the image is empty ({width}x{height}, batch {batch})")
+    if height * width > settings.max_pixels:
+        raise UpscaleError(
+            f"the image is {width}x{height} = {height * width:,} pixels, above the limit of "
+            f"{settings.max_pixels:,}; raise the limit (--max-pixels) if you have the memory"
+        )
+    color_channels, has_alpha = plan_channels(channels, descriptor.input_channels)
+    mode = settings.mode or ("exact" if is_paragonsr(descriptor) else "overlap")
+    if mode == "exact" and not is_paragonsr(descriptor):
+        raise UpscaleError(
+            f"exact mode needs a ParagonSR model; {descriptor.architecture.name} uses overlap"
+        )
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(descriptor, settings.precision, device)
+    scale = descriptor.scale
+    out_color = color_channels if descriptor.output_channels != 3 else (
+        1 if color_channels == 1 else 3)
+    output = torch.empty((batch, out_color + int(has_alpha), height * scale, width * scale))
+
+    tile = settings.tile or auto_tile(descriptor, device, dtype, height, width)
+    tile = min(tile, max(height, width))
+    passes = _passes_per_frame(descriptor, mode, tile, height, width)
+    alpha_passes = passes if has_alpha and settings.alpha == "model" else 0
+    progress = Progress(tick, cancelled, total=batch * (passes + alpha_passes))
+    log.info("upscaling %d frame(s) %dx%d x%d: %s mode, %d px tiles, %s on %s",
+             batch, width, height, scale, mode, tile, str(dtype).split(".")[-1], device)
+
+    original_device, original_dtype = descriptor.device, descriptor.dtype
+    runner = _Runner(descriptor, mode, tile, settings.overlap, progress)
+    try:
+        descriptor.model.to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            for index in range(batch):
+                frame = _split_frame(images[index : index + 1], color_channels, has_alpha,
+                                     descriptor.input_channels)
+                color = runner.run(frame.color.to(device), dtype)
+                if frame.gray_output and color.shape[1] == 3:
+                    color = color.mean(dim=1, keepdim=True)
+                output[index, :out_color] = color[0]
+                if frame.alpha is not None:
+                    output[index, out_color] = _upscale_alpha(
+                        runner, frame.alpha, settings.alpha, descriptor, device, dtype)[0, 0]
+    finally:
+        descriptor.model.to(device=original_device, dtype=original_dtype)
+    return output
+
+
+def _passes_per_frame(descriptor, mode: str, tile: int, height: int, width: int) -> int:
+    from .tiles import grid
+
+    tiles = len(grid(height, width, tile, tile))
+    if mode == "exact" and tile < max(height, width):
+        net = descriptor.model.optimized()
+        return tiles * ExactStreamer(net, tile, Progress()).passes_per_frame()
+    return tiles
+
+
+def _split_frame(image: torch.Tensor, color_channels: int, has_alpha: bool,
+                 model_channels: int) -> _Frame:
+    image = image.float()
+    color = image[:, :color_channels]
+    alpha = image[:, color_channels:] if has_alpha else None
+    gray = color_channels == 1 and model_channels == 3
+    if gray:
+        color = color.expand(-1, 3, -1, -1)
+    return _Frame(color, alpha, gray)
+
+
+def _upscale_alpha(runner, alpha: torch.Tensor, how: str, descriptor, device, dtype):
+    if how == "bilinear":
+        return F.interpolate(alpha, scale_factor=descriptor.scale, mode="bilinear",
+                             align_corners=False).clamp_(0, 1)
+    replicated = alpha.expand(-1, descriptor.input_channels, -1, -1).to(device)
+    return runner.run(replicated, dtype).mean(dim=1, keepdim=True)
+
+
+class _Runner:
+    """Runs one frame in the chosen mode; recomputes it in fp32 if reduced precision gave
+    inf/NaN."""
+
+    def __init__(self, descriptor, mode: str, tile: int, overlap: int, progress: Progress):
+        self.descriptor = descriptor
+        self.mode = mode
+        self.tile = tile
+        self.overlap = overlap
+        self.progress = progress
+
+    def run(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        result, finite = self._attempt(image.to(dtype))
+        if finite or dtype == torch.float32:
+            return result.clamp_(0, 1)
+        warn_once(f"{str(dtype).split('.')[-1]} produced inf/NaN; recomputing in fp32")
+        self.descriptor.model.float()
+        try:
+            result, _ = self._attempt(image.float())
+        finally:
+            self.descriptor.model.to(dtype)
+        return result.clamp_(0, 1)
+
+    def _attempt(self, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        descriptor = self.descriptor
+        _, _, height, width = image.shape
+        scale = descriptor.scale
+        if self.mode == "exact":
+            net = descriptor.model.optimized()
+            if self.tile >= max(height, width):
+                self.progress.check()
+                result = net(image).float().cpu()
+                self.progress.step()
+                return result, bool(torch.isfinite(result).all())
+            output = torch.empty((1, descriptor.output_channels, height * scale, width * scale))
+            finite = [True]
+
+            def store(tile: Tile, values: torch.Tensor) -> None:
+                finite[0] = finite[0] and bool(torch.isfinite(values).all())
+                output[..., tile.top * scale : tile.bottom * scale,
+                       tile.left * scale : tile.right * scale].copy_(values)
+
+            streamer = ExactStreamer(net, self.tile, self.progress)
+            streamer(image, store)
+            self.tile = streamer.tile  # keep a size that fitted after out-of-memory halving
+            return output, finite[0]
+        raw = []
+
+        def run_model(region: torch.Tensor) -> torch.Tensor:
+            result = descriptor.model(region) if is_paragonsr(descriptor) else descriptor(region)
+            raw.append(bool(torch.isfinite(result).all()))
+            return result
+
+        result = overlap_upscale(run_model, image, scale, descriptor.output_channels,
+                                 self.tile, self.overlap, self.progress)
+        return result, all(raw)
+
+
+def with_settings(settings: UpscaleSettings, **changes) -> UpscaleSettings:
+    return replace(settings, **changes)
