@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,8 +148,16 @@ class ExactStreamer:
             try:
                 tiles = grid(height, width, self.tile, self.tile)
                 self.progress.check()
-                run_tiled(compute, tiles, halo, height, width, store, scale,
-                          between_tiles=self._between_tiles)
+                run_tiled(
+                    compute,
+                    tiles,
+                    halo,
+                    height,
+                    width,
+                    store,
+                    scale,
+                    between_tiles=self._between_tiles,
+                )
                 return
             except OUT_OF_MEMORY:
                 if self.tile <= MIN_TILE:
@@ -173,8 +180,12 @@ class ExactStreamer:
         layout = torch.channels_last if net.channels_last else torch.contiguous_format
         image = image.contiguous(memory_format=layout)
         maps = [
-            torch.empty((batch, features, height, width), dtype=image.dtype, device=image.device,
-                        memory_format=layout)
+            torch.empty(
+                (batch, features, height, width),
+                dtype=image.dtype,
+                device=image.device,
+                memory_format=layout,
+            )
             for _ in range(4)
         ]
 
@@ -195,10 +206,13 @@ class ExactStreamer:
 
         shallow = maps[0]
         moments = Moments()
-        self._pass(height, width, 1,
-                   lambda r: F.conv2d(_region(image, r), net.conv_in_weight, net.conv_in_bias,
-                                      padding=1),
-                   storing(shallow, moments))
+        self._pass(
+            height,
+            width,
+            1,
+            lambda r: F.conv2d(_region(image, r), net.conv_in_weight, net.conv_in_bias, padding=1),
+            storing(shallow, moments),
+        )
         current = shallow
         for group in net.groups:
             group_input = current
@@ -209,28 +223,47 @@ class ExactStreamer:
                 mixed = fresh(shallow, group_input, source)
                 moments = Moments()
                 self._pass(
-                    height, width, block.context_halo,
+                    height,
+                    width,
+                    block.context_halo,
                     lambda r, k=block, s=source, a=scale, b=shift: k.context(
-                        _region(s, r), torch.addcmul(b, _region(s, r), a)),
-                    storing(mixed, moments))
+                        _region(s, r), torch.addcmul(b, _region(s, r), a)
+                    ),
+                    storing(mixed, moments),
+                )
                 mean, rstd = moments.mean_rstd(block.eps2)
                 rstd, shift = rstd.to(image.dtype), (-mean * rstd).to(image.dtype)
                 last = index == len(group) - 1
                 output = fresh(shallow, group_input, mixed)
                 moments = Moments()
                 self._pass(
-                    height, width, 1,
-                    lambda r, k=block, m=mixed, a=rstd, b=shift: _region(m, r) + k.ffn_delta(
-                        torch.addcmul(b, _region(m, r), a)),
-                    storing(output, moments, add=group_input if last else None))
+                    height,
+                    width,
+                    1,
+                    lambda r, k=block, m=mixed, a=rstd, b=shift: (
+                        _region(m, r) + k.ffn_delta(torch.addcmul(b, _region(m, r), a))
+                    ),
+                    storing(output, moments, add=group_input if last else None),
+                )
                 current = output
         deep = fresh(shallow, current)
-        self._pass(height, width, 1,
-                   lambda r: F.conv2d(_region(current, r), net.conv_fuse_weight,
-                                      net.conv_fuse_bias, padding=1),
-                   storing(deep, add=shallow))
-        self._pass(height, width, net.tail_halo, lambda r: net.tail(_region(deep, r)),
-                   store_output, scale=net.scale)
+        self._pass(
+            height,
+            width,
+            1,
+            lambda r: F.conv2d(
+                _region(current, r), net.conv_fuse_weight, net.conv_fuse_bias, padding=1
+            ),
+            storing(deep, add=shallow),
+        )
+        self._pass(
+            height,
+            width,
+            net.tail_halo,
+            lambda r: net.tail(_region(deep, r)),
+            store_output,
+            scale=net.scale,
+        )
 
 
 def raised_cosine_ramp(length: int, device: torch.device) -> torch.Tensor:
@@ -281,20 +314,10 @@ def overlap_upscale(
         region = with_halo(tile, blend + margin, height, width)
         result = crop(run(_region(image, region)), kept, region, scale).float().cpu()
         weights = _blend_weights(kept, height, width, blend, scale)
-        scaled = Tile(kept.top * scale, kept.bottom * scale, kept.left * scale,
-                      kept.right * scale)
+        scaled = Tile(kept.top * scale, kept.bottom * scale, kept.left * scale, kept.right * scale)
         _region(accumulated, scaled).add_(result * weights)
         _region(weight_sum, scaled).add_(weights)
         progress.step()
         if between_tiles is not None:
             between_tiles()
     return accumulated.div_(weight_sum)
-
-
-_WARNED: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)

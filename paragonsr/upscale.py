@@ -7,17 +7,20 @@ cancellation. The tiling itself is :mod:`paragonsr.tiling`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from spandrel import ImageModelDescriptor
 
 from .arch import ParagonSR
+from .fusion import optimize_for_inference
 from .tiles import Tile
 from .tiling import (
     ALPHA_MODES,
@@ -29,7 +32,6 @@ from .tiling import (
     Progress,
     UpscaleError,
     overlap_upscale,
-    warn_once,
 )
 
 log = logging.getLogger(__name__)
@@ -93,12 +95,16 @@ def resolve_dtype(descriptor: ImageModelDescriptor, precision: str, device: torc
             return torch.bfloat16
         return torch.float16 if descriptor.supports_half else torch.float32
     dtype = DTYPES[precision]
-    supported = {torch.float16: descriptor.supports_half,
-                 torch.bfloat16: descriptor.supports_bfloat16}.get(dtype, True)
+    supported = {
+        torch.float16: descriptor.supports_half,
+        torch.bfloat16: descriptor.supports_bfloat16,
+    }.get(dtype, True)
     if not supported:
-        warn_once(
+        warnings.warn(
             f"{descriptor.architecture.name} is not known to be accurate in {precision}; "
-            "frames with inf/NaN are recomputed in fp32"
+            "frames with inf/NaN are recomputed in fp32",
+            RuntimeWarning,
+            stacklevel=3,
         )
     return dtype
 
@@ -144,8 +150,14 @@ def image_bytes(descriptor: ImageModelDescriptor, height: int, width: int, eleme
     return 4 * descriptor.model.config.num_feat * height * width * element_size
 
 
-def auto_tile(descriptor, device: torch.device, dtype: torch.dtype, height: int, width: int,
-              free: int | None = None) -> int:
+def auto_tile(
+    descriptor,
+    device: torch.device,
+    dtype: torch.dtype,
+    height: int,
+    width: int,
+    free: int | None = None,
+) -> int:
     """The largest tile (a multiple of 32, at least MIN_TILE) whose temporaries fit in half of
     the free memory after the whole-image maps; the image's longer side if everything fits."""
     element_size = torch.finfo(dtype).bits // 8
@@ -214,8 +226,9 @@ def upscale(
     device = resolve_device(settings.device)
     dtype = resolve_dtype(descriptor, settings.precision, device)
     scale = descriptor.scale
-    out_color = color_channels if descriptor.output_channels != 3 else (
-        1 if color_channels == 1 else 3)
+    out_color = (
+        color_channels if descriptor.output_channels != 3 else (1 if color_channels == 1 else 3)
+    )
     output = torch.empty((batch, out_color + int(has_alpha), height * scale, width * scale))
 
     tile = settings.tile or auto_tile(descriptor, device, dtype, height, width)
@@ -223,26 +236,37 @@ def upscale(
     passes = _passes_per_frame(descriptor, mode, tile, height, width)
     alpha_passes = passes if has_alpha and settings.alpha == "model" else 0
     progress = Progress(tick, cancelled, total=batch * (passes + alpha_passes))
-    log.info("upscaling %d frame(s) %dx%d x%d: %s mode, %d px tiles, %s on %s",
-             batch, width, height, scale, mode, tile, str(dtype).split(".")[-1], device)
+    log.info(
+        "upscaling %d frame(s) %dx%d x%d: %s mode, %d px tiles, %s on %s",
+        batch,
+        width,
+        height,
+        scale,
+        mode,
+        tile,
+        str(dtype).split(".")[-1],
+        device,
+    )
 
-    original_device, original_dtype = descriptor.device, descriptor.dtype
+    original_device = descriptor.device
     runner = _Runner(descriptor, mode, tile, settings.overlap, progress)
     try:
-        descriptor.model.to(device=device, dtype=dtype)
+        descriptor.model.to(device=device)
         with torch.inference_mode():
             for index in range(batch):
-                frame = _split_frame(images[index : index + 1], color_channels, has_alpha,
-                                     descriptor.input_channels)
+                frame = _split_frame(
+                    images[index : index + 1], color_channels, has_alpha, descriptor.input_channels
+                )
                 color = runner.run(frame.color.to(device), dtype)
                 if frame.gray_output and color.shape[1] == 3:
                     color = color.mean(dim=1, keepdim=True)
                 output[index, :out_color] = color[0]
                 if frame.alpha is not None:
                     output[index, out_color] = _upscale_alpha(
-                        runner, frame.alpha, settings.alpha, descriptor, device, dtype)[0, 0]
+                        runner, frame.alpha, settings.alpha, descriptor, device, dtype
+                    )[0, 0]
     finally:
-        descriptor.model.to(device=original_device, dtype=original_dtype)
+        descriptor.model.to(device=original_device)
     return output
 
 
@@ -256,8 +280,9 @@ def _passes_per_frame(descriptor, mode: str, tile: int, height: int, width: int)
     return tiles
 
 
-def _split_frame(image: torch.Tensor, color_channels: int, has_alpha: bool,
-                 model_channels: int) -> _Frame:
+def _split_frame(
+    image: torch.Tensor, color_channels: int, has_alpha: bool, model_channels: int
+) -> _Frame:
     image = image.float()
     color = image[:, :color_channels]
     alpha = image[:, color_channels:] if has_alpha else None
@@ -269,15 +294,16 @@ def _split_frame(image: torch.Tensor, color_channels: int, has_alpha: bool,
 
 def _upscale_alpha(runner, alpha: torch.Tensor, how: str, descriptor, device, dtype):
     if how == "bilinear":
-        return F.interpolate(alpha, scale_factor=descriptor.scale, mode="bilinear",
-                             align_corners=False).clamp_(0, 1)
+        return F.interpolate(
+            alpha, scale_factor=descriptor.scale, mode="bilinear", align_corners=False
+        ).clamp_(0, 1)
     replicated = alpha.expand(-1, descriptor.input_channels, -1, -1).to(device)
     return runner.run(replicated, dtype).mean(dim=1, keepdim=True)
 
 
 class _Runner:
     """Runs one frame in the chosen mode; recomputes it in fp32 if reduced precision gave
-    inf/NaN."""
+    inf/NaN. Reduced precision runs a converted copy, so the caller's model keeps its weights."""
 
     def __init__(self, descriptor, mode: str, tile: int, overlap: int, progress: Progress):
         self.descriptor = descriptor
@@ -285,28 +311,43 @@ class _Runner:
         self.tile = tile
         self.overlap = overlap
         self.progress = progress
+        self._reduced: dict[torch.dtype, torch.nn.Module] = {}
+        self._warned = False
+
+    def network(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The module to run: ParagonSR's optimized network, or the spandrel model itself."""
+        model = self.descriptor.model
+        if dtype == torch.float32:
+            return model.optimized() if is_paragonsr(self.descriptor) else model
+        if dtype not in self._reduced:
+            if is_paragonsr(self.descriptor):
+                # Folded in float64 from the full-precision weights, then rounded once.
+                self._reduced[dtype] = optimize_for_inference(model).to(dtype)
+            else:
+                self._reduced[dtype] = copy.deepcopy(model).to(dtype)
+        return self._reduced[dtype]
 
     def run(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        result, finite = self._attempt(image.to(dtype))
-        if finite or dtype == torch.float32:
-            return result.clamp_(0, 1)
-        warn_once(f"{str(dtype).split('.')[-1]} produced inf/NaN; recomputing in fp32")
-        self.descriptor.model.float()
-        try:
-            result, _ = self._attempt(image.float())
-        finally:
-            self.descriptor.model.to(dtype)
+        result, finite = self._attempt(image.to(dtype), self.network(dtype))
+        if not finite and dtype != torch.float32:
+            if not self._warned:  # once per job, not once per frame
+                self._warned = True
+                warnings.warn(
+                    f"{str(dtype).split('.')[-1]} produced inf/NaN; recomputing in fp32",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            result, _ = self._attempt(image.float(), self.network(torch.float32))
         return result.clamp_(0, 1)
 
-    def _attempt(self, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _attempt(self, image: torch.Tensor, network) -> tuple[torch.Tensor, bool]:
         descriptor = self.descriptor
         _, _, height, width = image.shape
         scale = descriptor.scale
         if self.mode == "exact":
-            net = descriptor.model.optimized()
             if self.tile >= max(height, width):
                 self.progress.check()
-                result = net(image).float().cpu()
+                result = network(image).float().cpu()
                 self.progress.step()
                 return result, bool(torch.isfinite(result).all())
             output = torch.empty((1, descriptor.output_channels, height * scale, width * scale))
@@ -314,24 +355,30 @@ class _Runner:
 
             def store(tile: Tile, values: torch.Tensor) -> None:
                 finite[0] = finite[0] and bool(torch.isfinite(values).all())
-                output[..., tile.top * scale : tile.bottom * scale,
-                       tile.left * scale : tile.right * scale].copy_(values)
+                output[
+                    ...,
+                    tile.top * scale : tile.bottom * scale,
+                    tile.left * scale : tile.right * scale,
+                ].copy_(values)
 
-            streamer = ExactStreamer(net, self.tile, self.progress)
+            streamer = ExactStreamer(network, self.tile, self.progress)
             streamer(image, store)
             self.tile = streamer.tile  # keep a size that fitted after out-of-memory halving
             return output, finite[0]
-        raw = []
+        finite_tiles = []
 
         def run_model(region: torch.Tensor) -> torch.Tensor:
-            result = descriptor.model(region) if is_paragonsr(descriptor) else descriptor(region)
-            raw.append(bool(torch.isfinite(result).all()))
+            result = network(region)
+            finite_tiles.append(bool(torch.isfinite(result).all()))
             return result
 
-        result = overlap_upscale(run_model, image, scale, descriptor.output_channels,
-                                 self.tile, self.overlap, self.progress)
-        return result, all(raw)
-
-
-def with_settings(settings: UpscaleSettings, **changes) -> UpscaleSettings:
-    return replace(settings, **changes)
+        result = overlap_upscale(
+            run_model,
+            image,
+            scale,
+            descriptor.output_channels,
+            self.tile,
+            self.overlap,
+            self.progress,
+        )
+        return result, all(finite_tiles)
