@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -135,6 +136,150 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_any_model(path: str):
+    """A spandrel descriptor for any model spandrel knows; ParagonSR through our own loader,
+    whose errors name the file and the problem."""
+    import spandrel
+
+    from .checkpoint import looks_like_paragonsr, read_state_dict
+    from .models import load_descriptor
+
+    state_dict = read_state_dict(path)
+    if looks_like_paragonsr(state_dict):
+        return load_descriptor(state_dict)
+    try:
+        descriptor = spandrel.ModelLoader().load_from_state_dict(state_dict)
+    except spandrel.UnsupportedModelError:
+        raise CheckpointError(path, "not a model that spandrel or this pack recognizes") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+        raise CheckpointError(
+            path, "is not an image-to-image model (inpainting models are not supported)"
+        )
+    return descriptor
+
+
+def plan_outputs(source: Path, target: Path, overwrite: bool) -> list[tuple[Path, Path]]:
+    from .images import SUFFIXES, ImageError, check_suffix
+
+    if source.is_dir():
+        inputs = sorted(p for p in source.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+        if not inputs:
+            raise ImageError(
+                source, "contains no images", f"Supported types: {', '.join(sorted(SUFFIXES))}"
+            )
+        if target.exists() and not target.is_dir():
+            raise ImageError(target, "is a file; a folder input needs an output folder")
+        pairs = [(p, target / p.name) for p in inputs]
+    elif source.exists():
+        check_suffix(source)
+        pairs = [(source, target / source.name if target.is_dir() else target)]
+    else:
+        raise ImageError(source, "file not found", "Check the path")
+    for _, output in pairs:
+        check_suffix(output)
+    folder = pairs[0][1].parent
+    if source.is_dir():
+        if not folder.parent.is_dir():
+            raise ImageError(folder, "its parent folder does not exist", "Create it first")
+    elif not folder.is_dir():
+        raise ImageError(pairs[0][1], "the output folder does not exist", "Create it first")
+    if folder.is_dir() and not os.access(folder, os.W_OK):
+        raise ImageError(folder, "the output folder is not writable", "Choose another folder")
+    existing = [out for _, out in pairs if out.exists()]
+    if existing and not overwrite:
+        raise ImageError(
+            existing[0],
+            f"already exists ({len(existing)} of {len(pairs)} outputs do)",
+            "Pass --overwrite to replace them",
+        )
+    return pairs
+
+
+class _Bar:
+    """tqdm where installed, otherwise a plain percentage on stderr."""
+
+    def __init__(self, total_images: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=total_images, unit="img", dynamic_ncols=True) if tqdm else None
+        self.image = 0
+        self.total_images = total_images
+
+    def tiles(self, done: int, total: int) -> None:
+        fraction = (self.image + done / max(total, 1)) / self.total_images
+        if self.bar is not None:
+            self.bar.update(fraction * self.total_images - self.bar.n)  # tqdm throttles redraws
+        elif done == total or done % 50 == 0:
+            print(f"\r{100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
+
+    def next_image(self) -> None:
+        self.image += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.total_images
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    import time
+
+    from .images import read_image, write_image
+    from .runtime import keep_freed_cpu_memory
+    from .upscale import UpscaleSettings, upscale
+
+    settings = UpscaleSettings(
+        tile=None if args.tile == "auto" else _tile_size(args.tile),
+        mode=args.mode,
+        overlap=args.overlap,
+        precision=args.precision,
+        alpha=args.alpha,
+        device=args.device,
+        max_pixels=args.max_pixels,
+    )
+    settings.validate()
+    pairs = plan_outputs(Path(args.input), Path(args.output), args.overwrite)
+    descriptor = load_any_model(args.model)
+    keep_freed_cpu_memory()  # this process only runs the job: let glibc reuse freed memory
+    if Path(args.input).is_dir():
+        Path(args.output).mkdir(exist_ok=True)
+    bar = _Bar(len(pairs))
+    started, pixels = time.perf_counter(), 0
+    try:
+        for source, target in pairs:
+            image = read_image(source, settings.max_pixels)
+            try:
+                result = upscale(descriptor, image.pixels, settings, tick=bar.tiles)
+            except ParagonSRError as error:
+                raise ParagonSRError(f"{source}: {error}") from None
+            write_image(target, result, image.bits, overwrite=args.overwrite)
+            pixels += result.shape[-1] * result.shape[-2]
+            bar.next_image()
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    mode = settings.mode or (
+        "exact" if type(descriptor.model).__name__ == "ParagonSR" else "overlap"
+    )
+    print(
+        f"upscaled {len(pairs)} image(s) x{descriptor.scale} with "
+        f"{descriptor.architecture.name} ({mode} mode) in {elapsed:.1f} s: "
+        f"{pixels / 1e6 / elapsed:.2f} output megapixels/s"
+    )
+    return 0
+
+
+def _tile_size(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ParagonSRError(f"--tile must be 'auto' or a number of pixels, not {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paragonsr",
@@ -165,6 +310,56 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("output", help="fused checkpoint to write (.safetensors)")
     fuse.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     fuse.set_defaults(handler=cmd_fuse)
+
+    from .tiling import ALPHA_MODES, MODES, PRECISIONS
+    from .upscale import DEFAULT_MAX_PIXELS
+
+    up = commands.add_parser(
+        "upscale",
+        help="upscale an image or a folder of images",
+        description="Upscale images with any spandrel model. ParagonSR runs in exact mode by "
+        "default: tiled in bounded memory, equal to whole-image inference.",
+    )
+    up.add_argument("input", help="image file or folder (png, jpg, webp, tif, bmp)")
+    up.add_argument("output", help="output file, or folder for a folder input")
+    up.add_argument("--model", required=True, help="model checkpoint (any spandrel model)")
+    up.add_argument(
+        "--tile",
+        default="auto",
+        help="tile size in input pixels, or auto "
+        "(from free memory); larger than the image means whole-image",
+    )
+    up.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="exact (ParagonSR default) or "
+        "overlap (independent blended tiles; default for other models)",
+    )
+    up.add_argument(
+        "--overlap",
+        type=int,
+        default=32,
+        help="overlap mode: pixels of context shared by neighbouring tiles (default 32)",
+    )
+    up.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: fp32 on the CPU, on CUDA bf16/fp16 only where the model is known to be safe",
+    )
+    up.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    up.add_argument(
+        "--alpha", choices=ALPHA_MODES, default="bilinear", help="how to upscale an alpha channel"
+    )
+    up.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse input images larger than this (default {DEFAULT_MAX_PIXELS:,})",
+    )
+    up.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    up.set_defaults(handler=cmd_upscale)
     return parser
 
 
