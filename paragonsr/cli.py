@@ -219,7 +219,6 @@ class _Bar:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.n = self.total_images
             self.bar.close()
         else:
             print(file=sys.stderr)
