@@ -19,6 +19,8 @@ from .errors import CheckpointError, ParagonSRError, UnsupportedVariantError
 from .fusion import OptimizedParagonSR, fuse_for_release, optimize_for_inference
 from .models import build_model, load_descriptor
 from .spandrel_arch import ARCH_ID, ParagonSRArch, register
+from .tiling import UpscaleCancelled, UpscaleError
+from .upscale import UpscaleSettings, upscale
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,9 @@ __all__ = [
     "ParagonSRConfig",
     "ParagonSRError",
     "UnsupportedVariantError",
+    "UpscaleCancelled",
+    "UpscaleError",
+    "UpscaleSettings",
     "build_model",
     "config_for_variant",
     "fuse_for_release",
@@ -46,5 +51,6 @@ __all__ = [
     "read_state_dict",
     "register",
     "save_checkpoint",
+    "upscale",
     "variant_name",
 ]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ParagonSRError
-from .fusion import OptimizedParagonSR
+from .fusion import BAND_BYTES, OptimizedParagonSR
 from .tiles import Tile, crop, grid, run_tiled, with_halo
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class Progress:
 
     def step(self) -> None:
         self.done += 1
+        # Out-of-memory retries add tiles the first estimate did not know about.
+        self.total = max(self.total, self.done)
         if self.tick is not None:
             self.tick(self.done, self.total)
 
@@ -128,12 +130,35 @@ class ExactStreamer:
         self.tile = tile
         self.progress = progress
 
-    def passes_per_frame(self) -> int:
-        blocks = sum(len(group) for group in self.net.groups)
-        return 3 + 2 * blocks  # conv_in, blocks (context + FFN), conv_fuse, tail
+    def pass_grid(self, height: int, width: int, bytes_per_pixel: int, halo: int) -> list[Tile]:
+        """Tiles of at most ``self.tile`` px, cut further into bands of rows where a pass's
+        temporaries would exceed BAND_BYTES: wide temporaries that outgrow the cache, or that
+        glibc serves with fresh page-faulting mmaps, cost more than the extra halo rows."""
+        columns = min(self.tile, width)
+        least_rows = max(16, 4 * halo)
+        rows = max(least_rows, BAND_BYTES // max(1, columns * bytes_per_pixel))
+        return grid(height, width, min(self.tile, rows), columns)
 
-    def tiles_per_pass(self, height: int, width: int) -> int:
-        return len(grid(height, width, self.tile, self.tile))
+    def passes(self, height: int, width: int, element_size: int) -> int:
+        """How many tiles one frame takes, over all passes (the progress total)."""
+        return sum(
+            len(self.pass_grid(height, width, size, halo))
+            for size, halo in self._pass_shapes(element_size)
+        )
+
+    def _pass_shapes(self, element_size: int) -> list[tuple[int, int]]:
+        """(temporary bytes per pixel, halo) of every pass of a frame, in order."""
+        net = self.net
+        features = net.conv_in_weight.shape[0]
+        shapes = [(2 * features * element_size, 1)]
+        for group in net.groups:
+            for block in group:
+                shapes.append((3 * features * element_size, block.context_halo))
+                shapes.append((6 * block.hidden * element_size, 1))
+        shapes.append((3 * features * element_size, 1))
+        tail_channels = net.tail_weight.shape[0]
+        shapes.append((3 * tail_channels * element_size, net.tail_halo))
+        return shapes
 
     def _pass(
         self,
@@ -142,11 +167,13 @@ class ExactStreamer:
         halo: int,
         compute: Callable[[Tile], torch.Tensor],
         store: Callable[[Tile, torch.Tensor], None],
+        bytes_per_pixel: int,
         scale: int = 1,
     ) -> None:
         while True:
+            started = self.progress.done
             try:
-                tiles = grid(height, width, self.tile, self.tile)
+                tiles = self.pass_grid(height, width, bytes_per_pixel, halo)
                 self.progress.check()
                 run_tiled(
                     compute,
@@ -162,7 +189,10 @@ class ExactStreamer:
             except OUT_OF_MEMORY:
                 if self.tile <= MIN_TILE:
                     raise
+                finished = self.progress.done - started
                 self.tile = max(MIN_TILE, self.tile // 2)
+                retry = self.pass_grid(height, width, bytes_per_pixel, halo)
+                self.progress.total += finished + len(retry) - len(tiles)
                 log.warning("out of memory: retrying this layer with %d px tiles", self.tile)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -179,6 +209,10 @@ class ExactStreamer:
         features = net.conv_in_weight.shape[0]
         layout = torch.channels_last if net.channels_last else torch.contiguous_format
         image = image.contiguous(memory_format=layout)
+        shapes = iter(self._pass_shapes(image.element_size()))
+        # Three maps of the residual stream: a group's input, and the two sides of each pass.
+        # The shallow features conv_in makes are needed again at the end; recomputing them
+        # there (a 3-channel convolution) is cheaper than holding a fourth map.
         maps = [
             torch.empty(
                 (batch, features, height, width),
@@ -186,7 +220,7 @@ class ExactStreamer:
                 device=image.device,
                 memory_format=layout,
             )
-            for _ in range(4)
+            for _ in range(3)
         ]
 
         def fresh(*busy: torch.Tensor) -> torch.Tensor:
@@ -204,27 +238,24 @@ class ExactStreamer:
 
             return store
 
-        shallow = maps[0]
+        def shallow(region: Tile) -> torch.Tensor:
+            return F.conv2d(_region(image, region), net.conv_in_weight, net.conv_in_bias, padding=1)
+
+        def run(halo, compute, store, scale=1):
+            self._pass(height, width, halo, compute, store, next(shapes)[0], scale)
+
+        current = maps[0]
         moments = Moments()
-        self._pass(
-            height,
-            width,
-            1,
-            lambda r: F.conv2d(_region(image, r), net.conv_in_weight, net.conv_in_bias, padding=1),
-            storing(shallow, moments),
-        )
-        current = shallow
+        run(1, shallow, storing(current, moments))
         for group in net.groups:
             group_input = current
             for index, block in enumerate(group):
                 scale, shift = block.norm1_affine(*moments.mean_rstd(block.eps1))
                 scale, shift = scale.to(image.dtype), shift.to(image.dtype)
                 source = current
-                mixed = fresh(shallow, group_input, source)
+                mixed = fresh(group_input, source)
                 moments = Moments()
-                self._pass(
-                    height,
-                    width,
+                run(
                     block.context_halo,
                     lambda r, k=block, s=source, a=scale, b=shift: k.context(
                         _region(s, r), torch.addcmul(b, _region(s, r), a)
@@ -234,11 +265,9 @@ class ExactStreamer:
                 mean, rstd = moments.mean_rstd(block.eps2)
                 rstd, shift = rstd.to(image.dtype), (-mean * rstd).to(image.dtype)
                 last = index == len(group) - 1
-                output = fresh(shallow, group_input, mixed)
+                output = fresh(group_input, mixed)
                 moments = Moments()
-                self._pass(
-                    height,
-                    width,
+                run(
                     1,
                     lambda r, k=block, m=mixed, a=rstd, b=shift: (
                         _region(m, r) + k.ffn_delta(torch.addcmul(b, _region(m, r), a))
@@ -246,24 +275,15 @@ class ExactStreamer:
                     storing(output, moments, add=group_input if last else None),
                 )
                 current = output
-        deep = fresh(shallow, current)
-        self._pass(
-            height,
-            width,
+        deep = fresh(current)
+        run(
             1,
             lambda r: F.conv2d(
                 _region(current, r), net.conv_fuse_weight, net.conv_fuse_bias, padding=1
-            ),
-            storing(deep, add=shallow),
+            ).add_(shallow(r)),
+            storing(deep),
         )
-        self._pass(
-            height,
-            width,
-            net.tail_halo,
-            lambda r: net.tail(_region(deep, r)),
-            store_output,
-            scale=net.scale,
-        )
+        run(net.tail_halo, lambda r: net.tail(_region(deep, r)), store_output, net.scale)
 
 
 def raised_cosine_ramp(length: int, device: torch.device) -> torch.Tensor:
@@ -301,23 +321,43 @@ def overlap_upscale(
     tile_size: int,
     overlap: int,
     progress: Progress,
-    between_tiles: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """Independent tiles with ``overlap`` px of context, blended (see module docstring)."""
+) -> tuple[torch.Tensor, int]:
+    """Independent tiles with ``overlap`` px of context, blended (see module docstring).
+
+    Returns the image and the tile size that fitted: a tile that runs out of memory is split
+    into four, and tiles already blended in are kept.
+    """
     _, _, height, width = image.shape
     blend, margin = overlap - overlap // 2, overlap // 2
     accumulated = torch.zeros((1, out_channels, height * scale, width * scale))
     weight_sum = torch.zeros((1, 1, height * scale, width * scale))
-    for tile in grid(height, width, tile_size, tile_size):
+    pending = grid(height, width, tile_size, tile_size)
+    while pending:
+        tile = pending.pop(0)
         progress.check()
         kept = with_halo(tile, blend, height, width)
         region = with_halo(tile, blend + margin, height, width)
-        result = crop(run(_region(image, region)), kept, region, scale).float().cpu()
+        try:
+            result = crop(run(_region(image, region)), kept, region, scale).float().cpu()
+        except OUT_OF_MEMORY:
+            side = max(tile.bottom - tile.top, tile.right - tile.left)
+            if side <= MIN_TILE:
+                raise
+            tile_size = min(tile_size, max(MIN_TILE, side // 2))
+            log.warning("out of memory: splitting a %d px tile", side)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            halves = grid(tile.bottom - tile.top, tile.right - tile.left, tile_size, tile_size)
+            pending[:0] = [
+                Tile(tile.top + t.top, tile.top + t.bottom, tile.left + t.left, tile.left + t.right)
+                for t in halves
+            ]
+            progress.total += len(halves) - 1
+            continue
+        # Blending divides by the summed weights, so any covering set of tiles is valid.
         weights = _blend_weights(kept, height, width, blend, scale)
         scaled = Tile(kept.top * scale, kept.bottom * scale, kept.left * scale, kept.right * scale)
         _region(accumulated, scaled).add_(result * weights)
         _region(weight_sum, scaled).add_(weights)
         progress.step()
-        if between_tiles is not None:
-            between_tiles()
-    return accumulated.div_(weight_sum)
+    return accumulated.div_(weight_sum), tile_size

@@ -21,7 +21,7 @@ from spandrel import ImageModelDescriptor
 
 from .arch import ParagonSR
 from .fusion import optimize_for_inference
-from .tiles import Tile
+from .tiles import Tile, grid
 from .tiling import (
     ALPHA_MODES,
     DTYPES,
@@ -233,7 +233,7 @@ def upscale(
 
     tile = settings.tile or auto_tile(descriptor, device, dtype, height, width)
     tile = min(tile, max(height, width))
-    passes = _passes_per_frame(descriptor, mode, tile, height, width)
+    passes = _passes_per_frame(descriptor, mode, tile, height, width, dtype)
     alpha_passes = passes if has_alpha and settings.alpha == "model" else 0
     progress = Progress(tick, cancelled, total=batch * (passes + alpha_passes))
     log.info(
@@ -270,14 +270,13 @@ def upscale(
     return output
 
 
-def _passes_per_frame(descriptor, mode: str, tile: int, height: int, width: int) -> int:
-    from .tiles import grid
-
-    tiles = len(grid(height, width, tile, tile))
+def _passes_per_frame(
+    descriptor, mode: str, tile: int, height: int, width: int, dtype: torch.dtype
+) -> int:
     if mode == "exact" and tile < max(height, width):
-        net = descriptor.model.optimized()
-        return tiles * ExactStreamer(net, tile, Progress()).passes_per_frame()
-    return tiles
+        streamer = ExactStreamer(descriptor.model.optimized(), tile, Progress())
+        return streamer.passes(height, width, torch.finfo(dtype).bits // 8)
+    return len(grid(height, width, tile, tile))
 
 
 def _split_frame(
@@ -311,20 +310,23 @@ class _Runner:
         self.tile = tile
         self.overlap = overlap
         self.progress = progress
-        self._reduced: dict[torch.dtype, torch.nn.Module] = {}
+        self._reduced: dict[torch.dtype, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._warned = False
 
-    def network(self, dtype: torch.dtype) -> torch.nn.Module:
-        """The module to run: ParagonSR's optimized network, or the spandrel model itself."""
-        model = self.descriptor.model
+    def network(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What to run: ParagonSR's optimized network, or the spandrel descriptor itself (which
+        pads to the architecture's size requirements and applies its own call function)."""
+        descriptor = self.descriptor
         if dtype == torch.float32:
-            return model.optimized() if is_paragonsr(self.descriptor) else model
+            return descriptor.model.optimized() if is_paragonsr(descriptor) else descriptor
         if dtype not in self._reduced:
-            if is_paragonsr(self.descriptor):
+            if is_paragonsr(descriptor):
                 # Folded in float64 from the full-precision weights, then rounded once.
-                self._reduced[dtype] = optimize_for_inference(model).to(dtype)
+                self._reduced[dtype] = optimize_for_inference(descriptor.model).to(dtype)
             else:
-                self._reduced[dtype] = copy.deepcopy(model).to(dtype)
+                reduced = copy.deepcopy(descriptor)
+                reduced.model.to(dtype)  # spandrel's .to() would refuse unsupported dtypes
+                self._reduced[dtype] = reduced
         return self._reduced[dtype]
 
     def run(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -372,7 +374,7 @@ class _Runner:
             finite_tiles.append(bool(torch.isfinite(result).all()))
             return result
 
-        result = overlap_upscale(
+        result, self.tile = overlap_upscale(
             run_model,
             image,
             scale,

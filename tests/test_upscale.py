@@ -165,8 +165,16 @@ def test_out_of_memory_halves_the_tile_and_redoes_only_that_pass(monkeypatch) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Tiles of at most 95 px are two of 48: their FFN regions fail once; 47 px fits.
-        output = upscale(model, image, UpscaleSettings(tile=95))
+        ticks = []
+        output = upscale(
+            model,
+            image,
+            UpscaleSettings(tile=95),
+            tick=lambda done, total: ticks.append((done, total)),
+        )
     assert calls["big"] == 1
+    assert ticks[-1][0] == ticks[-1][1]  # the progress total followed the smaller tiles
+    assert all(done <= total for done, total in ticks)
     assert (output - expected).abs().max().item() < 1e-4
 
 
@@ -224,3 +232,31 @@ def test_one_pixel_image() -> None:
     model = randomized_model(config_for_variant("nano", 2))
     pixel = seeded_image(3, 1, 1)
     assert torch.equal(upscale(model, pixel), whole_image(model, pixel))
+
+
+def test_overlap_splits_a_tile_that_runs_out_of_memory(monkeypatch) -> None:
+    descriptor = compact_model()
+    image = seeded_image(3, 64, 64)
+    with torch.inference_mode():
+        expected = descriptor(image)
+    model = descriptor.model
+    original = type(model).forward
+    failures = []
+
+    def flaky(self, x):
+        if x.shape[-1] > 40 and not failures:
+            failures.append(x.shape)
+            raise torch.OutOfMemoryError("simulated")
+        return original(self, x)
+
+    monkeypatch.setattr(type(model), "forward", flaky)
+    ticks = []
+    output = upscale(
+        descriptor,
+        image,
+        UpscaleSettings(tile=64, overlap=16),
+        tick=lambda d, t: ticks.append((d, t)),
+    )
+    assert len(failures) == 1
+    assert ticks[-1][0] == ticks[-1][1] == 4  # one tile became four
+    assert (output - expected).abs().max().item() < 1e-5
