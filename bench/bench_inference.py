@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from reference_style import reference_style  # noqa: E402
 
 from paragonsr import config_for_variant, fuse_for_release, optimize_for_inference  # noqa: E402
@@ -30,13 +31,7 @@ from paragonsr.runtime import keep_freed_cpu_memory  # noqa: E402
 
 
 def seeded_model(variant: str, scale: int) -> ParagonSR:
-    torch.manual_seed(0)
-    model = ParagonSR(config_for_variant(variant, scale)).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("gamma"):
-                parameter.uniform_(0.05, 0.4)
-    return model.set_inference_optimization(False)
+    return common.seeded_model(variant, scale).set_inference_optimization(False)
 
 
 def candidates(variant: str, scale: int, compile_: bool) -> list[tuple[str, str, object, bool]]:

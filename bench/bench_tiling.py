@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import seeded_model  # noqa: E402
 
 
 def test_image(size: int) -> torch.Tensor:
@@ -37,18 +40,6 @@ def test_image(size: int) -> torch.Tensor:
     )
     noise = torch.rand(3, size, size, generator=generator) * 0.3
     return (base * 0.7 + noise)[None].clamp(0, 1)
-
-
-def seeded_model(variant: str, scale: int):
-    from paragonsr import ParagonSR, config_for_variant
-
-    torch.manual_seed(0)
-    model = ParagonSR(config_for_variant(variant, scale)).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("gamma"):
-                parameter.uniform_(0.05, 0.4)
-    return model
 
 
 def comfyui_stock_tiles(
