@@ -279,6 +279,30 @@ def _tile_size(text: str) -> int:
         raise ParagonSRError(f"--tile must be 'auto' or a number of pixels, not {text!r}") from None
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import ExportOptions, export_onnx
+
+    options = ExportOptions(
+        opset=args.opset,
+        fp16=args.fp16,
+        keep_io_fp32=args.keep_io_fp32,
+        static=_static_size(args.static) if args.static else None,
+        dynamic_batch=args.batch == "dynamic",
+        mish_op=not args.no_mish,
+    )
+    report = export_onnx(args.model, args.output, options, overwrite=args.overwrite)
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _static_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ParagonSRError(f"--static takes HEIGHTxWIDTH such as 256x256, not {text!r}") from None
+    return height, width
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paragonsr",
@@ -359,6 +383,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     up.set_defaults(handler=cmd_upscale)
+
+    export = commands.add_parser(
+        "export",
+        help="export ONNX for chaiNNer, onnxruntime and TensorRT",
+        description="Export the inference-optimized network to ONNX (IR <= 9, opset 14-20, "
+        "one NCHW input in [0, 1]) and verify it: onnx.checker, onnxruntime against torch on a "
+        "random and a natural image, and chaiNNer's strict shape inference.",
+    )
+    export.add_argument("model", help="ParagonSR checkpoint (training or fused)")
+    export.add_argument("output", help="file to write (.onnx)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 14-20 (default 17)")
+    export.add_argument(
+        "--fp16",
+        action="store_true",
+        help="half-precision weights and activations (GroupNorm statistics stay fp32)",
+    )
+    export.add_argument(
+        "--keep-io-fp32", action="store_true", help="with --fp16: keep the input and output float32"
+    )
+    export.add_argument(
+        "--static", metavar="HxW", help="fix the input size instead of dynamic height and width"
+    )
+    export.add_argument(
+        "--batch",
+        choices=("dynamic", "1"),
+        default="dynamic",
+        help="dynamic batch size (default) or fixed at 1",
+    )
+    export.add_argument(
+        "--no-mish",
+        action="store_true",
+        help="write Mish as x * tanh(softplus(x)) even at opset 18+, for runtimes without it",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 

@@ -16,4 +16,14 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     .venv/bin/pip install --quiet --disable-pip-version-check $torch_spec
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,onnx]"
+
+# chaiNNer's own ONNX runtime, pinned as chaiNNer pins it: the tests open every kind of export
+# with it, because a file only counts as chaiNNer-compatible if chaiNNer's versions accept it.
+if [ ! -x .venv-chainner/bin/python ]; then
+    "$python" -m venv .venv-chainner
+fi
+if ! .venv-chainner/bin/python -c "import onnx, onnxruntime" >/dev/null 2>&1; then
+    .venv-chainner/bin/pip install --quiet --disable-pip-version-check \
+        "onnx==1.16.0" "onnxruntime==1.17.1" "numpy<2"
+fi

@@ -1,0 +1,387 @@
+"""ONNX export that chaiNNer, onnxruntime and TensorRT accept, verified on every export.
+
+What the export must satisfy, and how:
+
+- chaiNNer pins onnx 1.16 / onnxruntime 1.17.1, which open ONNX IR version 9 or lower and opset
+  20 or lower. torch's default (dynamo) exporter writes IR 10, so the export uses the
+  TorchScript exporter (IR 8 at opsets 14-20).
+- chaiNNer finds the scale by strict shape inference at fixed sizes. GroupNorm(1) is written as
+  explicit ReduceMean/Sub/Mul/Sqrt/Div and PixelShuffle as DepthToSpace, forms strict inference
+  follows; both are checked on every export at 16x16 and 64x64.
+- The exported graph is the inference-optimized network (:mod:`paragonsr.fusion`) without its
+  CPU-specific row bands, whose loop count would be frozen at the traced size.
+- fp16 graphs keep GroupNorm statistics in fp32 (activations of trained models exceed fp16's
+  range inside the variance) and are refused if they overflow on a natural image.
+
+The file is written under a temporary name and renamed only after verification passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import os
+import secrets
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import ParagonSR, variant_name
+from .checkpoint import load_model
+from .errors import ParagonSRError
+from .fusion import OptimizedBlock, OptimizedParagonSR, optimize_for_inference
+
+OPSETS = range(14, 21)  # chaiNNer's onnxruntime 1.17 stops at 20
+SAMPLE_IMAGE = Path(__file__).resolve().parent / "data" / "chelsea_160x120.png"
+FP32_TOLERANCE = 1e-4
+
+
+class ExportError(ParagonSRError, ValueError):
+    """An export that cannot be made or did not verify; nothing was written."""
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ExportError(
+            f"ONNX export needs the onnx and onnxruntime packages ({error.name} is missing): "
+            "pip install onnx onnxscript onnxruntime  (or: pip install 'paragonsr[onnx]')"
+        ) from None
+    return onnx, onnxruntime
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 17
+    fp16: bool = False
+    keep_io_fp32: bool = False
+    static: tuple[int, int] | None = None  # (height, width)
+    dynamic_batch: bool = True
+    mish_op: bool = True  # the Mish operator where the opset has it (18+)
+
+    def validate(self) -> None:
+        if self.opset not in OPSETS:
+            raise ExportError(
+                f"opset {self.opset} is outside {OPSETS.start}-{OPSETS.stop - 1}; chaiNNer's "
+                "onnxruntime 1.17 refuses opset 21 and later, and opsets before 14 lack "
+                "operators this network needs"
+            )
+        if self.keep_io_fp32 and not self.fp16:
+            raise ExportError("--keep-io-fp32 only applies together with --fp16")
+        if self.static is not None and min(self.static) < 3:
+            raise ExportError("a static input size must be at least 3x3")
+
+
+@dataclass
+class Verification:
+    """What was checked after export; ``lines()`` gives the printable report."""
+
+    path: str
+    ir_version: int
+    opset: int
+    checker: str
+    max_abs_random: float
+    max_abs_natural: float
+    non_finite_random: int
+    non_finite_natural: int
+    dtype: str
+    inferred_shapes: dict[str, list[int | str]] = field(default_factory=dict)
+    mish: str = ""
+
+    def lines(self) -> list[str]:
+        shapes = ", ".join(f"{size} -> {shape}" for size, shape in self.inferred_shapes.items())
+        return [
+            f"wrote {self.path} ({self.dtype}, IR {self.ir_version}, opset {self.opset}; "
+            f"Mish as {self.mish})",
+            f"onnx.checker: {self.checker}",
+            f"onnxruntime vs torch, max abs diff: seeded random image {self.max_abs_random:.3g}, "
+            f"natural image {self.max_abs_natural:.3g}; non-finite outputs: "
+            f"{self.non_finite_random} and {self.non_finite_natural}",
+            f"chaiNNer: IR {self.ir_version} <= 9, opset {self.opset} <= 20, strict shape "
+            f"inference {shapes}",
+        ]
+
+
+def _group_norm(x: torch.Tensor, eps: float, statistics_dtype: torch.dtype) -> torch.Tensor:
+    """GroupNorm(1) without affine, as operators strict shape inference follows."""
+    values = x.to(statistics_dtype)
+    mean = values.mean(dim=(1, 2, 3), keepdim=True)
+    centered = values - mean
+    variance = (centered * centered).mean(dim=(1, 2, 3), keepdim=True)
+    return (centered / torch.sqrt(variance + eps)).to(x.dtype)
+
+
+class ExportableParagonSR(nn.Module):
+    """The optimized network in export-friendly operators: same weights, same algebra."""
+
+    def __init__(self, net: OptimizedParagonSR, mish_op: bool, io_fp32: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.mish_op = mish_op
+        self.io_fp32 = io_fp32
+
+    def _mish(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mish(x) if self.mish_op else x * torch.tanh(F.softplus(x))
+
+    def _block(self, block: OptimizedBlock, x: torch.Tensor) -> torch.Tensor:
+        weight = block.norm1_weight.view(1, -1, 1, 1)
+        bias = block.norm1_bias.view(1, -1, 1, 1)
+        normed = _group_norm(x, block.eps1, torch.float32) * weight + bias
+        passthrough, square, wide, tall = torch.split(normed, block.split_sizes, dim=1)
+        branches = [
+            F.conv2d(
+                part,
+                getattr(block, f"context{i}_weight"),
+                getattr(block, f"context{i}_bias"),
+                padding=block.paddings[i],
+                groups=part.shape[1],
+            )
+            for i, part in enumerate((square, wide, tall))
+        ]
+        x = x + torch.cat([passthrough, *branches], dim=1)
+        normed = _group_norm(x, block.eps2, torch.float32)
+        gate, value = F.conv2d(normed, block.project_in_weight, block.project_in_bias).split(
+            block.hidden, dim=1
+        )
+        gate = F.conv2d(gate, block.mixer_weight, block.mixer_bias, padding=1, groups=block.hidden)
+        return x + F.conv2d(
+            self._mish(gate) * value, block.project_out_weight, block.project_out_bias
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        dtype = net.conv_in_weight.dtype
+        x = image.to(dtype) if self.io_fp32 else image
+        shallow = F.conv2d(x, net.conv_in_weight, net.conv_in_bias, padding=1)
+        deep = shallow
+        for group in net.groups:
+            start = deep
+            for block in group:
+                deep = self._block(block, deep)
+            deep = deep + start
+        deep = F.conv2d(deep, net.conv_fuse_weight, net.conv_fuse_bias, padding=1) + shallow
+        out = net.tail(deep)
+        return out.float() if self.io_fp32 else out
+
+
+@contextlib.contextmanager
+def _mish_operator(enabled: bool, opset: int) -> Iterator[None]:
+    """Map aten::mish to ONNX's Mish operator (opset 18+) for the duration of one export; the
+    TorchScript exporter otherwise always writes x * tanh(softplus(x))."""
+    if not enabled:
+        yield
+        return
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    register_custom_op_symbolic("aten::mish", lambda graph, x: graph.op("Mish", x), opset)
+    try:
+        yield
+    finally:
+        unregister_custom_op_symbolic("aten::mish", opset)
+
+
+def _source_hash(path: Path | None) -> str:
+    if path is None:
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _natural_image(channels: int) -> torch.Tensor:
+    from .images import read_image
+
+    rgb = read_image(SAMPLE_IMAGE).pixels
+    if channels == 1:
+        return rgb.mean(dim=1, keepdim=True)
+    if channels == 4:
+        return torch.cat([rgb, torch.ones_like(rgb[:, :1])], dim=1)
+    return rgb
+
+
+def export_onnx(
+    source: str | os.PathLike | ParagonSR,
+    output: str | os.PathLike,
+    options: ExportOptions | None = None,
+    *,
+    overwrite: bool = False,
+) -> Verification:
+    """Export a ParagonSR checkpoint (or model) to ONNX and verify it; see the module docstring.
+    Raises :class:`ExportError` and leaves no file when anything fails."""
+    options = options or ExportOptions()
+    options.validate()
+    onnx, onnxruntime = _require_onnx()
+    output = Path(output)
+    if output.suffix.lower() != ".onnx":
+        raise ExportError(f"{output}: name the output *.onnx")
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output}: already exists. Pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise ExportError(f"{output}: the output folder does not exist. Create it first")
+    if not os.access(output.parent, os.W_OK):
+        raise ExportError(f"{output}: the output folder is not writable")
+
+    source_path = None if isinstance(source, ParagonSR) else Path(source)
+    model = source if isinstance(source, ParagonSR) else load_model(source)
+    config = model.config
+    dtype = torch.float16 if options.fp16 else torch.float32
+    net = optimize_for_inference(model.float().cpu(), channels_last=False).to(dtype)
+    mish_op = options.mish_op and options.opset >= 18
+    exportable = ExportableParagonSR(net, mish_op, io_fp32=options.keep_io_fp32).eval()
+    io_dtype = torch.float32 if options.keep_io_fp32 or not options.fp16 else torch.float16
+
+    height, width = options.static or (64, 64)
+    example = torch.rand(
+        1, config.in_chans, height, width, generator=torch.Generator().manual_seed(0)
+    ).to(io_dtype)
+    dynamic: dict[int, str] = {}
+    if options.dynamic_batch:
+        dynamic[0] = "batch"
+    if options.static is None:
+        dynamic.update({2: "height", 3: "width"})
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad(), _mish_operator(mish_op, options.opset):
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            exportable,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=options.opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": dynamic, "output": dynamic} if dynamic else None,
+            do_constant_folding=True,
+        )
+    graph = onnx.load_from_string(buffer.getvalue())
+    metadata = {
+        "architecture": "ParagonSR",
+        "variant": variant_name(config) or "custom",
+        "scale": str(config.scale),
+        "in_channels": str(config.in_chans),
+        "out_channels": str(config.out_chans),
+        "source_form": model.form,
+        "source_sha256": _source_hash(source_path),
+        "precision": "fp16" if options.fp16 else "fp32",
+        "io_precision": str(io_dtype).split(".")[-1],
+        "exporter": f"paragonsr {_version()}, torch {torch.__version__}",
+    }
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    data = graph.SerializeToString()
+
+    temporary = output.parent / f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        temporary.write_bytes(data)
+        report = _verify(onnx, onnxruntime, temporary, graph, model, config, options, io_dtype)
+        os.replace(temporary, output)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    report.path = str(output)
+    report.mish = "Mish operator" if mish_op else "x * tanh(softplus(x))"
+    return report
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dtype):
+    """Run the file in onnxruntime against the source model's own float32 forward."""
+    try:
+        onnx.checker.check_model(graph, full_check=True)
+        checker = "passed"
+    except Exception as error:
+        raise ExportError(f"onnx.checker rejected the export: {error}") from None
+    if graph.ir_version > 9:
+        raise ExportError(f"the export has IR version {graph.ir_version}; chaiNNer opens <= 9")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def compare(image: torch.Tensor) -> tuple[float, int]:
+        with torch.no_grad():
+            expected = model.forward_plain(image)
+        actual = torch.from_numpy(session.run(None, {"input": image.to(io_dtype).numpy()})[0])
+        actual = actual.float()
+        non_finite = int((~torch.isfinite(actual)).sum())
+        finite = torch.isfinite(actual) & torch.isfinite(expected)
+        error = (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
+        return error, non_finite
+
+    height, width = options.static or (48, 40)
+    random_image = torch.rand(
+        1, config.in_chans, height, width, generator=torch.Generator().manual_seed(1)
+    )
+    natural = _natural_image(config.in_chans)
+    if options.static is not None:
+        natural = F.interpolate(natural, size=options.static, mode="bilinear", align_corners=False)
+    random_error, random_bad = compare(random_image)
+    natural_error, natural_bad = compare(natural)
+    if not options.fp16 and max(random_error, natural_error) > FP32_TOLERANCE:
+        raise ExportError(
+            f"onnxruntime differs from torch by {max(random_error, natural_error):.3g} "
+            f"(limit {FP32_TOLERANCE}); nothing was written"
+        )
+    if options.fp16 and natural_bad:
+        raise ExportError(
+            f"the fp16 graph overflows on a natural image ({natural_bad} non-finite output "
+            "values); export in fp32 instead. Nothing was written"
+        )
+    if options.fp16 and not math.isfinite(natural_error):
+        raise ExportError("the fp16 graph produced unusable output; nothing was written")
+    shapes = _strict_shapes(onnx, graph, config, options)
+    return Verification(
+        path=str(path),
+        ir_version=graph.ir_version,
+        opset=max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+        checker=checker,
+        max_abs_random=random_error,
+        max_abs_natural=natural_error,
+        non_finite_random=random_bad,
+        non_finite_natural=natural_bad,
+        dtype="fp16" if options.fp16 else "fp32",
+        inferred_shapes=shapes,
+    )
+
+
+def _strict_shapes(onnx, graph, config, options) -> dict[str, list[int | str]]:
+    """Output shapes from onnx.shape_inference in strict mode with the input fixed, as chaiNNer
+    does to find a model's scale."""
+    sizes = [options.static] if options.static else [(16, 16), (64, 64)]
+    shapes = {}
+    for height, width in sizes:
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(graph)
+        dims = fixed.graph.input[0].type.tensor_type.shape.dim
+        dims[0].dim_value = 1
+        dims[2].dim_value, dims[3].dim_value = height, width
+        try:
+            inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=True)
+        except Exception as error:
+            raise ExportError(
+                f"strict shape inference failed at {height}x{width}: {error}"
+            ) from None
+        out_dims = inferred.graph.output[0].type.tensor_type.shape.dim
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in out_dims]
+        expected = [1, config.out_chans, height * config.scale, width * config.scale]
+        if shape != expected:
+            raise ExportError(
+                f"strict shape inference at {height}x{width} gives {shape}, not {expected}: "
+                "chaiNNer could not read the scale"
+            )
+        shapes[f"{height}x{width}"] = shape
+    return shapes

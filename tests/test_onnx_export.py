@@ -1,0 +1,169 @@
+"""ONNX export: the file, its verification, chaiNNer's pinned runtime, and refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from helpers import REFERENCE, REPO, randomized_model, seeded_image
+from paragonsr import config_for_variant
+from paragonsr.cli import main
+from paragonsr.onnx_export import ExportError, ExportOptions, export_onnx
+
+TINY = REFERENCE / "tiny_x4.params_ema.pth"
+NANO = REFERENCE / "nano_x2.fused.safetensors"
+
+
+def chainner_python() -> str:
+    """The interpreter of .venv-chainner (onnx 1.16.0, onnxruntime 1.17.1, numpy<2), which
+    scripts/setup.sh creates."""
+    path = os.environ.get("PARAGONSR_CHAINNER_PYTHON", str(REPO / ".venv-chainner/bin/python"))
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing: run scripts/setup.sh to create .venv-chainner")
+    return path
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ExportOptions(),
+        ExportOptions(opset=18),
+        ExportOptions(opset=20, mish_op=False),
+        ExportOptions(fp16=True),
+        ExportOptions(fp16=True, keep_io_fp32=True),
+        ExportOptions(static=(24, 40), dynamic_batch=False),
+    ],
+    ids=["opset17", "opset18-mish", "opset20-no-mish", "fp16", "fp16-io32", "static"],
+)
+def test_chainners_pinned_runtime_opens_and_runs_the_export(tmp_path, options) -> None:
+    path = tmp_path / "model.onnx"
+    report = export_onnx(TINY, path, options)
+    assert report.ir_version <= 9 and report.opset <= 20
+    height, width = options.static or (20, 28)
+    image = seeded_image(3, height, width).numpy()
+    io_dtype = np.float16 if options.fp16 and not options.keep_io_fp32 else np.float32
+    np.save(tmp_path / "input.npy", image.astype(io_dtype))
+    script = textwrap.dedent(f"""
+        import json, numpy, onnx, onnxruntime
+        model = onnx.load({str(path)!r})
+        onnx.checker.check_model(model)
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[0].dim_value, dims[2].dim_value, dims[3].dim_value = 1, 16, 16
+        if {options.static is None}:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+            shape = [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim]
+        else:
+            shape = None
+        session = onnxruntime.InferenceSession({str(path)!r},
+                                               providers=["CPUExecutionProvider"])
+        out = session.run(None, {{"input": numpy.load({str(tmp_path / "input.npy")!r})}})[0]
+        numpy.save({str(tmp_path / "output.npy")!r}, out.astype(numpy.float32))
+        print(json.dumps({{"versions": [onnx.__version__, onnxruntime.__version__],
+                          "shape": shape, "dtype": str(out.dtype)}}))
+    """)
+    result = subprocess.run(
+        [chainner_python(), "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["versions"] == ["1.16.0", "1.17.1"]
+    if options.static is None:
+        assert report["shape"] == [1, 3, 64, 64]  # chaiNNer reads the scale from this
+    assert report["dtype"] == ("float16" if io_dtype == np.float16 else "float32")
+    from paragonsr import load_model
+
+    with torch.no_grad():
+        expected = load_model(TINY).forward_plain(torch.from_numpy(image)).numpy()
+    error = np.abs(np.load(tmp_path / "output.npy") - expected).max()
+    assert error < (2e-2 if options.fp16 else 1e-4)
+
+
+def test_metadata_and_graph_form(tmp_path) -> None:
+    path = tmp_path / "nano.onnx"
+    export_onnx(NANO, path, ExportOptions(opset=18))
+    model = onnx.load(path)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["architecture"] == "ParagonSR"
+    assert metadata["variant"] == "nano" and metadata["scale"] == "2"
+    import hashlib
+
+    assert metadata["source_sha256"] == hashlib.sha256(NANO.read_bytes()).hexdigest()
+    ops = {node.op_type for node in model.graph.node}
+    assert "Mish" in ops and "ReduceMean" in ops and "DepthToSpace" in ops
+    assert not ops & {"GroupNormalization", "InstanceNormalization"}
+    assert [i.name for i in model.graph.input] == ["input"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    export_onnx(NANO, tmp_path / "plain.onnx", ExportOptions(opset=18, mish_op=False))
+    assert "Mish" not in {n.op_type for n in onnx.load(tmp_path / "plain.onnx").graph.node}
+
+
+def test_batched_dynamic_input(tmp_path) -> None:
+    import onnxruntime
+
+    path = tmp_path / "m.onnx"
+    export_onnx(NANO, path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = torch.cat([seeded_image(3, 13, 17, seed=s) for s in range(2)]).numpy()
+    assert session.run(None, {"input": batch})[0].shape == (2, 3, 26, 34)
+
+
+def test_cli_export_prints_the_verification(tmp_path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(
+            ["export", str(NANO), str(tmp_path / "n.onnx"), "--static", "32x32", "--batch", "1"]
+        )
+    assert code == 0, err.getvalue()
+    text = out.getvalue()
+    assert "onnx.checker: passed" in text
+    assert "strict shape inference 32x32 -> [1, 3, 64, 64]" in text
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_opset_outside_the_range(tmp_path, opset: int) -> None:
+    with pytest.raises(ExportError, match="outside 14-20"):
+        export_onnx(NANO, tmp_path / "x.onnx", ExportOptions(opset=opset))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output(tmp_path) -> None:
+    with pytest.raises(ExportError, match="the output folder does not exist"):
+        export_onnx(NANO, tmp_path / "missing" / "x.onnx")
+    (tmp_path / "exists.onnx").write_bytes(b"keep")
+    with pytest.raises(ExportError, match="already exists"):
+        export_onnx(NANO, tmp_path / "exists.onnx")
+    assert (tmp_path / "exists.onnx").read_bytes() == b"keep"
+
+
+def test_fp16_overflow_fails_and_writes_nothing(tmp_path) -> None:
+    model = randomized_model(config_for_variant("nano", 2))
+    with torch.no_grad():
+        model.conv_in.weight.mul_(1e5)
+    with pytest.raises(ExportError, match="fp16 graph overflows on a natural image"):
+        export_onnx(model, tmp_path / "x.onnx", ExportOptions(fp16=True))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnx_names_the_packages(tmp_path, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_onnxruntime)
+    with pytest.raises(ExportError, match="pip install onnx onnxscript onnxruntime"):
+        export_onnx(NANO, tmp_path / "x.onnx")
