@@ -7,13 +7,17 @@ import torch
 from paragonsr import ParagonSR, config_for_variant
 
 
-def seeded_model(variant: str, scale: int) -> ParagonSR:
+def seeded_model(variant: str, scale: int, depth_scaled: bool = False) -> ParagonSR:
     """A seeded network of a named variant with LayerScale gammas of 0.05-0.4, as trained
-    models have (a fresh model's 1e-5 would leave the blocks nearly idle)."""
+    models have (a fresh model's 1e-5 would leave the blocks nearly idle). ``depth_scaled``
+    shrinks them by sqrt(6 / blocks) so deep variants keep outputs near [0, 1] instead of
+    amplifying float rounding through dozens of random blocks."""
     torch.manual_seed(0)
-    model = ParagonSR(config_for_variant(variant, scale)).eval()
+    config = config_for_variant(variant, scale)
+    model = ParagonSR(config).eval()
+    factor = min(1.0, (6 / (config.num_groups * config.num_blocks)) ** 0.5) if depth_scaled else 1
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("gamma"):
-                parameter.uniform_(0.05, 0.4)
+                parameter.uniform_(0.05 * factor, 0.4 * factor)
     return model
