@@ -18,6 +18,7 @@ from .checkpoint import (
 from .errors import CheckpointError, ParagonSRError, UnsupportedVariantError
 from .fusion import OptimizedParagonSR, fuse_for_release, optimize_for_inference
 from .models import build_model, load_descriptor
+from .onnx_export import ExportError, ExportOptions, export_onnx
 from .spandrel_arch import ARCH_ID, ParagonSRArch, register
 from .tiling import UpscaleCancelled, UpscaleError
 from .upscale import UpscaleSettings, upscale
@@ -30,6 +31,8 @@ __all__ = [
     "ARCH_ID",
     "VARIANTS",
     "CheckpointError",
+    "ExportError",
+    "ExportOptions",
     "Inspection",
     "NonFiniteWeightsWarning",
     "OptimizedParagonSR",
@@ -43,6 +46,7 @@ __all__ = [
     "UpscaleSettings",
     "build_model",
     "config_for_variant",
+    "export_onnx",
     "fuse_for_release",
     "inspect_checkpoint",
     "load_descriptor",

@@ -311,7 +311,7 @@ def export_onnx(
         temporary.unlink(missing_ok=True)
         raise
     report.path = str(output)
-    report.mish = "Mish operator" if mish_op else "x * tanh(softplus(x))"
+    report.mish = "the Mish operator" if mish_op else "x*tanh(softplus(x)) in Exp/Mul/Div"
     return report
 
 
