@@ -2,8 +2,9 @@
 
 The original deploys with two costs our plain forward does not have: LayerScale permutes to
 channels-last, makes the tensor contiguous, multiplies and permutes back (two extra copies of the
-activation per call), and in eval mode the training form rebuilds every spatial mixer's fused
-kernel on each forward, filling the depthwise kernel channel by channel in a Python loop. These
+activation per call); in training mode each spatial mixer runs its three branch convolutions;
+and in eval mode the training form rebuilds every spatial mixer's fused kernel on each forward,
+filling the depthwise kernel channel by channel in a Python loop. These
 patches reproduce those operations so benchmarks can compare against the form users deploy today.
 """
 
@@ -25,6 +26,8 @@ def _layerscale_forward(self: LayerScale, x: torch.Tensor) -> torch.Tensor:
 def _mixer_forward(self: ReparamDepthwise3x3, x: torch.Tensor) -> torch.Tensor:
     if self.is_fused:
         return F.conv2d(x, self.weight, self.bias, padding=1, groups=self.channels)
+    if self.training:  # three branch convolutions, summed
+        return self.conv3x3(x) + self.conv1x1(x) + self.dw_conv3x3(x)
     weight = self.conv3x3.weight.clone() + F.pad(self.conv1x1.weight, [1, 1, 1, 1])
     bias = self.conv3x3.bias.clone() + self.conv1x1.bias
     depthwise = torch.zeros_like(weight)

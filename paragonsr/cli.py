@@ -303,6 +303,86 @@ def _static_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+    from .train.loop import MODEL_FILE
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        val=args.val,
+        lr_data=args.lr_data,
+        variant=args.variant,
+        scale=args.scale,
+        iters=args.iters,
+        batch=args.batch,
+        lq_size=args.lq_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        schedule=args.schedule,
+        milestones=tuple(int(m) for m in args.milestones.split(",")) if args.milestones else (),
+        loss=args.loss,
+        ms_ssim_weight=args.ms_ssim,
+        clip=args.clip,
+        ema_decay=args.ema,
+        val_every=args.val_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        threads=args.threads,
+        init=args.init,
+        resume=args.resume,
+        degrade=args.degrade,
+        device=args.device,
+    )
+    bar = _TrainBar(config.iters)
+    try:
+        result = train(config, progress=bar.update)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            "paragonsr: interrupted; rerun with --resume to continue from the last save",
+            file=sys.stderr,
+        )
+        return 130
+    bar.close()
+    for row in result.validation:
+        print(
+            f"iteration {row['iteration']:>6}: PSNR {row['psnr']:.2f} dB, bicubic "
+            f"{row['bicubic']:.2f} dB ({row['psnr'] - row['bicubic']:+.2f} dB)"
+        )
+    print(
+        f"trained {result.iteration} iterations in {result.seconds:.0f} s; EMA weights: "
+        f"{Path(args.out) / MODEL_FILE}"
+    )
+    return 0
+
+
+class _TrainBar:
+    """tqdm with iteration, loss, lr, it/s, ETA and the last PSNR; plain lines without tqdm."""
+
+    def __init__(self, total: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=total, unit="it", dynamic_ncols=True) if tqdm else None
+        self.last_psnr = ""
+
+    def update(self, report: dict) -> None:
+        if "psnr" in report:
+            self.last_psnr = f"{report['psnr']:.2f} dB (bicubic {report['bicubic']:.2f})"
+        text = f"loss {report['loss']:.4f} lr {report['lr']:.2e} {self.last_psnr}".strip()
+        if self.bar is not None:
+            self.bar.n = report["iteration"]
+            self.bar.set_postfix_str(text, refresh=True)
+        elif report["iteration"] % 100 == 0 or "psnr" in report:
+            print(f"{report['iteration']}: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paragonsr",
@@ -418,6 +498,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export.set_defaults(handler=cmd_export)
+
+    from .arch import VARIANTS
+
+    tr = commands.add_parser(
+        "train",
+        help="train or fine-tune a ParagonSR model",
+        description="Train on a folder of HR images (LR made by antialiased bicubic "
+        "downscaling) or HR/LR pairs; EMA weights are saved as a training-form safetensors "
+        "checkpoint, with a resumable state beside it.",
+    )
+    tr.add_argument("--data", required=True, help="folder of HR images (searched recursively)")
+    tr.add_argument("--val", help="folder of held-out HR images for PSNR against bicubic")
+    tr.add_argument("--lr-data", help="folder of LR images paired with --data by name")
+    tr.add_argument("--out", required=True, help="run folder for checkpoints")
+    tr.add_argument("--variant", choices=list(VARIANTS), default="nano")
+    tr.add_argument("--scale", type=int, default=2)
+    tr.add_argument("--iters", type=int, default=5000)
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--lq-size", type=int, default=64, help="LR crop size in pixels")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 5e-4; 2e-5 with --init)")
+    tr.add_argument("--warmup", type=int, help="linear warm-up iterations (default 2%%)")
+    tr.add_argument("--schedule", choices=("constant", "cosine", "multistep"), default="cosine")
+    tr.add_argument("--milestones", help="multistep: comma-separated iterations")
+    tr.add_argument("--loss", choices=("l1", "charbonnier"), default="l1")
+    tr.add_argument("--ms-ssim", type=float, default=0.0, help="weight of a 1 - MS-SSIM term")
+    tr.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    tr.add_argument("--ema", type=float, default=0.999, help="EMA decay")
+    tr.add_argument("--val-every", type=int, default=500)
+    tr.add_argument("--save-every", type=int, default=1000)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (training slows badly when its threads compete with another process)",
+    )
+    tr.add_argument("--init", help="fine-tune from a training-form checkpoint")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument(
+        "--degrade", action="store_true", help="light random blur, noise and JPEG on the LR side"
+    )
+    tr.add_argument("--device", default="auto")
+    tr.set_defaults(handler=cmd_train)
     return parser
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then inspect the bundled checkpoint and fuse it for release.
+# Set up .venv if needed, then upscale the bundled sample photo with the bundled default model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-model=models/demo_nano_x2_untrained.safetensors
+model=models/paragonsr_nano_x2.safetensors
 mkdir -p out
 .venv/bin/paragonsr info "$model"
-.venv/bin/paragonsr fuse "$model" out/demo_nano_x2_untrained.fused.safetensors --overwrite
-.venv/bin/paragonsr info out/demo_nano_x2_untrained.fused.safetensors
+.venv/bin/paragonsr upscale paragonsr/data/chelsea_160x120.png out/chelsea_x2.png \
+    --model "$model" --overwrite
+echo "wrote out/chelsea_x2.png (320x240)"

@@ -1,0 +1,344 @@
+"""The training loop: configuration, data, model, optimizer, then the loop itself with
+autocast, clipping, EMA, validation and checkpoints in plain sight."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..arch import ParagonSR, config_for_variant
+from ..checkpoint import inspect_checkpoint, load_model, save_checkpoint
+from ..errors import ParagonSRError
+from .data import DataError, PatchSampler, bicubic_upscale, downscale, load_validation
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "resume_state.pt"
+MODEL_FILE = "model_ema.safetensors"
+MAX_BAD_STEPS = 5
+
+
+class TrainingError(ParagonSRError, RuntimeError):
+    """Training that cannot start or had to stop, with the reason."""
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    val: str | None = None
+    lr_data: str | None = None  # paired LR folder; else LR is made by bicubic downscaling
+    variant: str = "nano"
+    scale: int = 2
+    in_chans: int = 3
+    iters: int = 5000
+    batch: int = 8
+    lq_size: int = 64
+    lr: float | None = None  # 5e-4 from scratch, 2e-5 when fine-tuning (--init)
+    warmup: int | None = None  # iterations; 2% of the run by default
+    schedule: str = "cosine"  # constant | cosine | multistep
+    milestones: tuple[int, ...] = ()
+    loss: str = "l1"  # l1 | charbonnier
+    ms_ssim_weight: float = 0.0
+    clip: float = 1.0
+    ema_decay: float = 0.999
+    val_every: int = 500
+    save_every: int = 1000
+    seed: int = 0
+    threads: int | None = None
+    init: str | None = None
+    resume: bool = False
+    degrade: bool = False
+    device: str = "auto"
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-5 if self.init else 5e-4
+
+    def resolved_warmup(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.iters // 50)
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    cancelled: bool
+    model_path: Path
+    seconds: float
+    last_loss: float
+    validation: list[dict] = field(default_factory=list)  # {"iteration", "psnr", "bicubic"}
+    losses: list[float] = field(default_factory=list)
+
+
+def charbonnier(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-3):
+    return torch.sqrt((prediction - target).square() + eps * eps).mean()
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor, border: int) -> float:
+    if border:
+        prediction = prediction[..., border:-border, border:-border]
+        target = target[..., border:-border, border:-border]
+    mse = (prediction.double() - target.double()).square().mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def lr_factor(iteration: int, config: TrainConfig) -> float:
+    warmup = config.resolved_warmup()
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    if config.schedule == "cosine":
+        progress = (iteration - warmup) / max(1, config.iters - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "multistep":
+        return 0.5 ** sum(iteration >= m for m in config.milestones)
+    return 1.0
+
+
+@torch.no_grad()
+def update_ema(ema: ParagonSR, model: ParagonSR, iteration: int, decay: float) -> None:
+    # The decay warms up, (1 + t) / (10 + t), so the average is not stuck on the first weights.
+    rate = min(decay, (1 + iteration) / (10 + iteration))
+    for average, current in zip(ema.parameters(), model.parameters(), strict=True):
+        average.lerp_(current, 1 - rate)
+
+
+@torch.no_grad()
+def validate(ema: ParagonSR, images, scale: int, device: torch.device) -> dict:
+    ema.eval()
+    ours, bicubic = [], []
+    for _, hr in images:
+        lr = downscale(hr, scale)
+        with torch.inference_mode():
+            prediction = ema(lr.to(device)).float().cpu().clamp_(0, 1)
+        ours.append(psnr(prediction, hr, scale))
+        bicubic.append(psnr(bicubic_upscale(lr, scale), hr, scale))
+    return {"psnr": sum(ours) / len(ours), "bicubic": sum(bicubic) / len(bicubic)}
+
+
+def atomic_torch_save(value, path: Path) -> None:
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        torch.save(value, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _check_run_folder(out: Path, resume: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"\0" * 65536)  # a full disk fails here, before any training
+        probe.unlink()
+    except OSError as error:
+        raise TrainingError(f"{out}: the run folder is not writable ({error.strerror})") from None
+    if not resume and (out / STATE_FILE).exists():
+        raise TrainingError(
+            f"{out}: holds a previous run; pass --resume to continue it or choose another folder"
+        )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: Callable[[dict], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train (or resume) as configured. ``progress`` receives a dict after every iteration
+    (iteration, loss, lr, seconds, and psnr/bicubic after validations); ``cancelled()`` is
+    checked every iteration, and True saves a resumable state and returns."""
+    # --- configuration ---------------------------------------------------------------------
+    out = Path(config.out)
+    _check_run_folder(out, config.resume)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if config.schedule not in ("constant", "cosine", "multistep"):
+        raise TrainingError(f"unknown schedule {config.schedule!r}")
+    if config.loss not in ("l1", "charbonnier"):
+        raise TrainingError(f"unknown loss {config.loss!r}")
+
+    # --- data --------------------------------------------------------------------------------
+    sampler = PatchSampler(
+        Path(config.data),
+        config.scale,
+        config.lq_size,
+        config.in_chans,
+        Path(config.lr_data) if config.lr_data else None,
+        config.degrade,
+    )
+    validation = (
+        load_validation(Path(config.val), config.scale, config.in_chans) if config.val else []
+    )
+
+    # --- model -------------------------------------------------------------------------------
+    torch.manual_seed(config.seed)
+    if config.init:
+        inspection = inspect_checkpoint(config.init)
+        if inspection.form != "training":
+            raise TrainingError(
+                f"{config.init}: a fused checkpoint cannot be trained (its "
+                "spatial mixers lost their branches); use the training form"
+            )
+        model = load_model(config.init)
+        if model.config.scale != config.scale:
+            raise TrainingError(
+                f"{config.init}: is a x{model.config.scale} model, not x{config.scale}"
+            )
+    else:
+        model = ParagonSR(config_for_variant(config.variant, config.scale, config.in_chans))
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    autocast_dtype = None
+    if device.type == "cuda":
+        autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+
+    # --- optimizer -----------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.resolved_lr(), betas=(0.9, 0.99), weight_decay=0.0
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, config))
+    generator = torch.Generator().manual_seed(config.seed)
+    iteration, history = 0, {"losses": [], "validation": []}
+    if config.resume:
+        state = _load_state(out / STATE_FILE, model)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        iteration = int(state["iteration"])
+        history = state["history"]
+
+    def save(final: bool = False) -> None:
+        save_checkpoint(
+            ema,
+            out / MODEL_FILE,
+            overwrite=True,
+            metadata={"architecture": "ParagonSR", "form": "training", "iteration": str(iteration)},
+        )
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "iteration": iteration,
+                "history": history,
+                "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()},
+                "config": {k: v for k, v in asdict(config).items() if v is not None},
+                "model_config": asdict(model.config),
+            },
+            out / STATE_FILE,
+        )
+
+    # --- the loop ------------------------------------------------------------------------------
+    started = time.perf_counter()
+    bad_steps, was_cancelled, loss_value = 0, False, math.nan
+    while iteration < config.iters:
+        if cancelled is not None and cancelled():
+            was_cancelled = True
+            break
+        lr_batch, hr_batch = sampler.batch(config.batch, generator)
+        lr_batch, hr_batch = lr_batch.to(device), hr_batch.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            prediction = model(lr_batch)
+        prediction = prediction.float()
+        loss = (
+            F.l1_loss(prediction, hr_batch)
+            if config.loss == "l1"
+            else charbonnier(prediction, hr_batch)
+        )
+        if config.ms_ssim_weight:
+            from .losses import ms_ssim
+
+            loss = loss + config.ms_ssim_weight * (1 - ms_ssim(prediction.clamp(0, 1), hr_batch))
+        loss_value = loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_value):
+            bad_steps += 1
+            log.warning("iteration %d: loss is %s, step skipped", iteration, loss_value)
+            if bad_steps >= MAX_BAD_STEPS:
+                save()
+                raise TrainingError(
+                    f"{MAX_BAD_STEPS} non-finite losses in a row at iteration {iteration}; "
+                    "lower --lr or check the data (a resumable state was saved)"
+                )
+            continue
+        bad_steps = 0
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        update_ema(ema, model, iteration, config.ema_decay)
+        iteration += 1
+        history["losses"].append(loss_value)
+        report = {
+            "iteration": iteration,
+            "loss": loss_value,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
+        if validation and (iteration % config.val_every == 0 or iteration == config.iters):
+            scores = validate(ema, validation, config.scale, device)
+            history["validation"].append({"iteration": iteration, **scores})
+            report.update(scores)
+        if iteration % config.save_every == 0:
+            save()
+        if progress is not None:
+            progress(report)
+    save()
+    return TrainResult(
+        iteration,
+        was_cancelled,
+        out / MODEL_FILE,
+        time.perf_counter() - started,
+        loss_value,
+        history["validation"],
+        history["losses"],
+    )
+
+
+def _load_state(path: Path, model: ParagonSR) -> dict:
+    if not path.exists():
+        raise TrainingError(f"{path}: no resume state to continue from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise TrainingError(f"{path}: unreadable resume state ({error})") from None
+    saved = state.get("model_config", {})
+    current = asdict(model.config)
+    if saved != current:
+        differing = sorted(k for k in current if saved.get(k) != current[k])
+        raise TrainingError(
+            f"{path}: the resume state is for another network ({', '.join(differing)} differ: "
+            f"{', '.join(f'{k}={saved.get(k)}' for k in differing)}); use the same --variant "
+            "and --scale, or another run folder"
+        )
+    return state
+
+
+__all__ = ["DataError", "TrainConfig", "TrainResult", "TrainingError", "train"]
