@@ -186,3 +186,52 @@ def test_untrained_weights_do_not_pass_the_shipped_model_check(tmp_path) -> None
             bicubic_upscale(lr, 2), hr, 2
         )
     assert gain < 0
+
+
+def test_degradations_and_charbonnier_with_ms_ssim(tmp_path) -> None:
+    result = train(
+        quick_config(tmp_path, iters=3, degrade=True, loss="charbonnier", ms_ssim_weight=0.2)
+    )
+    assert result.iteration == 3 and all(math.isfinite(x) for x in result.losses)
+
+
+def test_ms_ssim_is_one_for_identical_images_and_falls_with_noise() -> None:
+    from paragonsr.train.losses import ms_ssim
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 96, 96, generator=generator)
+    assert ms_ssim(image, image).item() == pytest.approx(1.0, abs=1e-5)
+    light = (image + 0.05 * torch.randn(image.shape, generator=generator)).clamp(0, 1)
+    heavy = (image + 0.3 * torch.randn(image.shape, generator=generator)).clamp(0, 1)
+    assert 1.0 > ms_ssim(light, image).item() > ms_ssim(heavy, image).item()
+
+
+def test_cli_train_reports_psnr_beside_bicubic(tmp_path, capsys) -> None:
+    from paragonsr.cli import main
+
+    data = make_images(tmp_path / "hr")
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--val",
+            str(data),
+            "--out",
+            str(tmp_path / "r"),
+            "--iters",
+            "4",
+            "--batch",
+            "2",
+            "--lq-size",
+            "12",
+            "--val-every",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "iteration      2: PSNR" in out and "bicubic" in out
+    assert (tmp_path / "r" / "model_ema.safetensors").exists()
