@@ -16,6 +16,6 @@ for name in chelsea.png coffee.png rocket.jpg motorcycle_right.png hubble_deep_f
 done
 cp "$data/astronaut.png" "$data/motorcycle_left.png" "$work/val/"
 .venv/bin/paragonsr train --data "$work/train" --val "$work/val" --out "$work/run" \
-    --variant nano --scale 2 --iters 4000 --batch 8 --lq-size 32 --lr 5e-4 \
+    --variant nano --scale 2 --iters 8000 --batch 8 --lq-size 32 --lr 5e-4 \
     --schedule cosine --val-every 500 --save-every 500 --seed 0 --threads 2 ${RESUME:+--resume}
 cp "$work/run/model_ema.safetensors" models/paragonsr_nano_x2.safetensors
