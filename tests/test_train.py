@@ -235,3 +235,12 @@ def test_cli_train_reports_psnr_beside_bicubic(tmp_path, capsys) -> None:
     assert code == 0
     assert "iteration      2: PSNR" in out and "bicubic" in out
     assert (tmp_path / "r" / "model_ema.safetensors").exists()
+
+
+def test_non_finite_losses_skip_steps_then_abort(tmp_path, monkeypatch) -> None:
+    import paragonsr.train.loop as loop
+
+    monkeypatch.setattr(loop.F, "l1_loss", lambda a, b: (a - b).abs().mean() * float("nan"))
+    with pytest.raises(TrainingError, match="5 non-finite losses in a row at iteration 0"):
+        train(quick_config(tmp_path, iters=10))
+    assert (tmp_path / "run" / "resume_state.pt").exists()  # saved before stopping
