@@ -11,24 +11,24 @@ construction, not the disk.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import spandrel
 import torch
 
-from paragonsr import VARIANTS, build_model, fuse_for_release, load_model, save_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import median_seconds  # noqa: E402
 
-def timed(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from paragonsr import (  # noqa: E402
+    VARIANTS,
+    build_model,
+    fuse_for_release,
+    load_model,
+    save_checkpoint,
+)
 
 
 def main() -> None:
@@ -52,9 +52,11 @@ def main() -> None:
                     fuse_for_release(model)
                 path = save_checkpoint(model, Path(folder) / f"{name}.{form}.safetensors")
                 params = sum(p.numel() for p in model.parameters())
-                ours = timed(lambda p=path: load_model(p), args.repeats)
-                theirs = timed(
-                    lambda p=path: spandrel.ModelLoader().load_from_file(p), args.repeats
+                ours = median_seconds(lambda p=path: load_model(p), args.repeats, warm_up=False)
+                theirs = median_seconds(
+                    lambda p=path: spandrel.ModelLoader().load_from_file(p),
+                    args.repeats,
+                    warm_up=False,
                 )
                 size = path.stat().st_size / 1e6
                 print(

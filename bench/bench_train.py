@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import median_seconds  # noqa: E402
 from reference_style import reference_style  # noqa: E402
 
 from paragonsr import build_model  # noqa: E402
@@ -40,16 +39,6 @@ def step_timer(model, lr_batch, hr_batch):
         optimizer.step()
 
     return step
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 
 from paragonsr import ParagonSR, config_for_variant
@@ -21,3 +25,16 @@ def seeded_model(variant: str, scale: int, depth_scaled: bool = False) -> Parago
             if name.endswith("gamma"):
                 parameter.uniform_(0.05 * factor, 0.4 * factor)
     return model
+
+
+def median_seconds(function: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """Median wall time of ``repeats`` calls, after one untimed call unless ``warm_up`` is
+    False (to time first calls such as loading a file)."""
+    if warm_up:
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

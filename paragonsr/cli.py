@@ -195,15 +195,20 @@ def plan_outputs(source: Path, target: Path, overwrite: bool) -> list[tuple[Path
     return pairs
 
 
+def _tqdm(total: int, unit: str):
+    """A tqdm bar, or None where tqdm is not installed (callers then print plain lines)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit=unit, dynamic_ncols=True)
+
+
 class _Bar:
     """tqdm where installed, otherwise a plain percentage on stderr."""
 
     def __init__(self, total_images: int) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        self.bar = tqdm(total=total_images, unit="img", dynamic_ncols=True) if tqdm else None
+        self.bar = _tqdm(total_images, "img")
         self.image = 0
         self.total_images = total_images
 
@@ -361,11 +366,7 @@ class _TrainBar:
     """tqdm with iteration, loss, lr, it/s, ETA and the last PSNR; plain lines without tqdm."""
 
     def __init__(self, total: int) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        self.bar = tqdm(total=total, unit="it", dynamic_ncols=True) if tqdm else None
+        self.bar = _tqdm(total, "it")
         self.last_psnr = ""
 
     def update(self, report: dict) -> None:
