@@ -1,0 +1,64 @@
+"""The only module that touches ComfyUI: folders, devices, memory, progress and interrupts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+
+MODEL_FOLDER = "upscale_models"
+
+
+def model_names() -> list[str]:
+    return folder_paths.get_filename_list(MODEL_FOLDER)
+
+
+def model_path(name: str) -> Path:
+    return Path(folder_paths.get_full_path_or_raise(MODEL_FOLDER, name))
+
+
+def attach_patcher(descriptor):
+    """What ComfyUI's stock loader attaches, so its upscale node accepts our models."""
+    descriptor.patcher = comfy.model_patcher.CoreModelPatcher(
+        descriptor.model,
+        load_device=model_management.get_torch_device(),
+        offload_device=model_management.unet_offload_device(),
+    )
+    return descriptor
+
+
+def load_device(descriptor) -> torch.device:
+    patcher = getattr(descriptor, "patcher", None)
+    return patcher.load_device if patcher is not None else model_management.get_torch_device()
+
+
+def make_room(device: torch.device, bytes_needed: int) -> None:
+    """Ask ComfyUI to unload other models until ``bytes_needed`` are free on ``device``."""
+    model_management.free_memory(bytes_needed, device)
+
+
+def progress_ticker() -> Callable[[int, int], None]:
+    bar: list[comfy.utils.ProgressBar] = []
+
+    def tick(done: int, total: int) -> None:
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+
+    return tick
+
+
+def interrupt_check() -> Callable[[], bool]:
+    """Raises ComfyUI's InterruptProcessingException (a BaseException the engine never catches)
+    when the user pressed Cancel; otherwise reports no cancellation."""
+
+    def check() -> bool:
+        model_management.throw_exception_if_processing_interrupted()
+        return False
+
+    return check
