@@ -62,3 +62,35 @@ def interrupt_check() -> Callable[[], bool]:
         return False
 
     return check
+
+
+def upscale_models_directory() -> Path:
+    return Path(folder_paths.get_folder_paths(MODEL_FOLDER)[0])
+
+
+def output_directory() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
+def dataset_directory(name: str) -> Path:
+    """An absolute path as given, or a folder inside ComfyUI's input directory."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+
+
+def interrupted() -> bool:
+    return model_management.processing_interrupted()
+
+
+def raise_if_interrupted() -> None:
+    model_management.throw_exception_if_processing_interrupted()
+
+
+def numbered(folder: Path, prefix: str, suffix: str) -> Path:
+    """The first ``prefix_00001suffix``-style name not taken in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for counter in range(1, 100000):
+        path = folder / f"{prefix}_{counter:05d}{suffix}"
+        if not path.exists():
+            return path
+    raise FileExistsError(f"{folder}: no free name for {prefix}")

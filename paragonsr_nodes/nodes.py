@@ -5,8 +5,19 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from paragonsr import UpscaleSettings, load_descriptor, upscale
+from paragonsr import (
+    VARIANTS,
+    ExportOptions,
+    ParagonSR,
+    UpscaleSettings,
+    export_onnx,
+    fuse_for_release,
+    load_descriptor,
+    save_checkpoint,
+    upscale,
+)
 from paragonsr.arch import macs_per_pixel
+from paragonsr.errors import ParagonSRError
 from paragonsr.tiling import MODES, PRECISIONS
 
 from . import comfy_bridge
@@ -150,4 +161,239 @@ class UpscaleParagonSR(io.ComfyNode):
         return io.NodeOutput(result.movedim(1, -1))
 
 
-NODES = [LoadParagonSR, UpscaleParagonSR]
+def paragonsr_model(descriptor) -> ParagonSR:
+    model = getattr(descriptor, "model", None)
+    if not isinstance(model, ParagonSR):
+        raise ParagonSRError(
+            f"this node needs a ParagonSR model, got {descriptor.architecture.name}"
+        )
+    return model
+
+
+class FuseParagonSR(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParagonSRFuse",
+            display_name="Fuse ParagonSR",
+            category=CATEGORY,
+            description="Fold each spatial mixer's three branches into one convolution (the "
+            "release form, key for key the original's) and optionally save it.",
+            inputs=[
+                io.UpscaleModel.Input("upscale_model", tooltip="A ParagonSR model."),
+                io.Boolean.Input(
+                    "save",
+                    default=False,
+                    tooltip="Also write the fused .safetensors into models/upscale_models.",
+                ),
+                io.String.Input(
+                    "filename_prefix",
+                    default="ParagonSR_fused",
+                    tooltip="Name of the saved file, numbered so nothing is overwritten.",
+                ),
+            ],
+            outputs=[io.UpscaleModel.Output(), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, upscale_model, save=False, filename_prefix="ParagonSR_fused"):
+        source = paragonsr_model(upscale_model)
+        # A new model: the input is a cached output of another node and must stay as it is.
+        fused = load_descriptor({k: v.detach().cpu() for k, v in source.state_dict().items()})
+        fuse_for_release(fused.model)
+        note = "already fused" if source.form == "fused" else "fused"
+        if save:
+            folder = comfy_bridge.upscale_models_directory()
+            path = save_checkpoint(
+                fused.model,
+                comfy_bridge.numbered(folder, filename_prefix, ".safetensors"),
+                metadata={"architecture": "ParagonSR", "form": "fused"},
+            )
+            note += f", saved as {path.name}"
+        return io.NodeOutput(comfy_bridge.attach_patcher(fused), f"{summary(fused)} ({note})")
+
+
+class ExportParagonSRONNX(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParagonSRExportONNX",
+            display_name="Export ParagonSR ONNX",
+            category=CATEGORY,
+            description="Write an ONNX file for chaiNNer, onnxruntime and TensorRT into the "
+            "output folder, verified before it is kept.",
+            is_output_node=True,
+            inputs=[
+                io.UpscaleModel.Input("upscale_model", tooltip="A ParagonSR model."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="ParagonSR",
+                    tooltip="File name in the output folder, numbered.",
+                ),
+                io.Int.Input(
+                    "opset",
+                    default=17,
+                    min=14,
+                    max=20,
+                    tooltip="14-20; chaiNNer's onnxruntime refuses 21.",
+                ),
+                io.Boolean.Input(
+                    "fp16",
+                    default=False,
+                    tooltip="Half precision (GroupNorm statistics stay fp32).",
+                ),
+                io.Int.Input(
+                    "static_size",
+                    default=0,
+                    min=0,
+                    max=8192,
+                    tooltip="0: dynamic height and width; N: fixed N x N input.",
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="path"),
+                io.String.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls, upscale_model, filename_prefix="ParagonSR", opset=17, fp16=False, static_size=0
+    ):
+        model = paragonsr_model(upscale_model)
+        options = ExportOptions(
+            opset=opset, fp16=fp16, static=(static_size, static_size) if static_size else None
+        )
+        path = comfy_bridge.numbered(comfy_bridge.output_directory(), filename_prefix, ".onnx")
+        with torch.inference_mode(False):
+            twin = load_descriptor(
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            ).model
+            report = export_onnx(twin, path, options)
+        return io.NodeOutput(str(path), "\n".join(report.lines()))
+
+
+class TrainParagonSR(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParagonSRTrain",
+            display_name="Train ParagonSR (experimental)",
+            category=CATEGORY,
+            description="Train or fine-tune on a folder of HR images; Cancel saves a resumable "
+            "state. Runs every time it is queued.",
+            is_experimental=True,
+            not_idempotent=True,
+            inputs=[
+                io.String.Input(
+                    "dataset",
+                    default="paragonsr_dataset",
+                    tooltip="Folder of HR images: inside ComfyUI's input folder, "
+                    "or an absolute path.",
+                ),
+                io.Combo.Input(
+                    "variant",
+                    options=list(VARIANTS),
+                    default="nano",
+                    tooltip="Network size from the family table.",
+                ),
+                io.Int.Input("scale", default=2, min=1, max=8, tooltip="Upscaling factor."),
+                io.Int.Input(
+                    "iterations", default=2000, min=1, max=10_000_000, tooltip="Training steps."
+                ),
+                io.Int.Input("batch", default=8, min=1, max=256, tooltip="Patches per step."),
+                io.Int.Input(
+                    "lq_size", default=48, min=8, max=512, tooltip="LR patch size in pixels."
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-5,
+                    tooltip="0: 5e-4 from scratch, 2e-5 when fine-tuning.",
+                ),
+                io.Combo.Input(
+                    "init_model",
+                    options=["none", *comfy_bridge.model_names()],
+                    default="none",
+                    tooltip="Fine-tune from this training-form "
+                    "checkpoint instead of starting fresh.",
+                ),
+                io.String.Input(
+                    "model_name",
+                    default="ParagonSR_trained",
+                    tooltip="Prefix of the EMA checkpoint written into models/upscale_models.",
+                ),
+            ],
+            outputs=[io.UpscaleModel.Output(), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # never equal to itself: training always runs again
+
+    @classmethod
+    def execute(
+        cls,
+        dataset,
+        variant="nano",
+        scale=2,
+        iterations=2000,
+        batch=8,
+        lq_size=48,
+        learning_rate=0.0,
+        init_model="none",
+        model_name="ParagonSR_trained",
+    ):
+        from paragonsr.train import TrainConfig, train
+
+        data = comfy_bridge.dataset_directory(dataset)
+        run = comfy_bridge.numbered(
+            comfy_bridge.output_directory() / "paragonsr_runs", model_name, ""
+        )
+        config = TrainConfig(
+            data=str(data),
+            out=str(run),
+            variant=variant,
+            scale=scale,
+            iters=iterations,
+            batch=batch,
+            lq_size=lq_size,
+            lr=learning_rate or None,
+            init=str(comfy_bridge.model_path(init_model)) if init_model != "none" else None,
+            val=str(data),
+            val_every=max(1, iterations // 4),
+            save_every=max(1, iterations // 4),
+        )
+        tick = comfy_bridge.progress_ticker()
+        # ComfyUI runs every node under inference_mode; training needs autograd back.
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train(
+                config,
+                progress=lambda r: tick(r["iteration"], iterations),
+                cancelled=comfy_bridge.interrupted,
+            )
+        if result.cancelled:
+            comfy_bridge.raise_if_interrupted()  # the resumable state is saved in the run
+        target = comfy_bridge.numbered(
+            comfy_bridge.upscale_models_directory(), model_name, ".safetensors"
+        )
+        descriptor = load_descriptor(result.model_path)
+        save_checkpoint(
+            descriptor.model, target, metadata={"architecture": "ParagonSR", "form": "training"}
+        )
+        lines = [
+            f"trained {result.iteration} iterations in {result.seconds:.0f} s; "
+            f"saved {target.name} (run folder {run})"
+        ]
+        lines += [
+            f"iteration {r['iteration']}: PSNR {r['psnr']:.2f} dB, bicubic "
+            f"{r['bicubic']:.2f} dB ({r['psnr'] - r['bicubic']:+.2f} dB, on the "
+            "training images)"
+            for r in result.validation
+        ]
+        return io.NodeOutput(comfy_bridge.attach_patcher(descriptor), "\n".join(lines))
+
+
+NODES = [LoadParagonSR, FuseParagonSR, UpscaleParagonSR, ExportParagonSRONNX, TrainParagonSR]
