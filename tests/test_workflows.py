@@ -1,0 +1,84 @@
+"""The node pack's static contract, checked without ComfyUI (the harness runs the real thing):
+example workflows match the API copies that were run, use only existing nodes, and every node
+input has a tooltip."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import re
+
+import pytest
+
+from helpers import REPO
+
+NODES_SOURCE = (REPO / "paragonsr_nodes" / "nodes.py").read_text()
+OUR_NODES = set(re.findall(r'node_id="([^"]+)"', NODES_SOURCE))
+STOCK_NODES = {"LoadImage", "SaveImage", "UpscaleModelLoader", "ImageUpscaleWithModel"}
+API_COPIES = sorted((REPO / "tests" / "workflows").glob("*_api.json"))
+
+
+def load_examples() -> dict[str, str]:
+    spec = importlib.util.spec_from_file_location(
+        "make_ui_workflows", REPO / "scripts" / "make_ui_workflows.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EXAMPLES
+
+
+def test_our_node_ids() -> None:
+    assert {
+        "ParagonSRLoader",
+        "ParagonSRFuse",
+        "ParagonSRUpscale",
+        "ParagonSRExportONNX",
+        "ParagonSRTrain",
+    } == OUR_NODES
+
+
+@pytest.mark.parametrize("path", API_COPIES, ids=[p.stem for p in API_COPIES])
+def test_api_workflows_use_existing_nodes_and_links(path) -> None:
+    graph = json.loads(path.read_text())
+    for node in graph.values():
+        assert node["class_type"] in OUR_NODES | STOCK_NODES
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert value[0] in graph
+
+
+def test_every_node_input_has_a_tooltip() -> None:
+    calls = [
+        node
+        for node in ast.walk(ast.parse(NODES_SOURCE))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "Input"
+    ]
+    assert len(calls) >= 20
+    missing = [
+        ast.unparse(call)[:60]
+        for call in calls
+        if not any(k.arg == "tooltip" for k in call.keywords)
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize("api_name", sorted(load_examples()))
+def test_ui_workflows_match_their_api_copies(api_name: str) -> None:
+    api = json.loads((REPO / "tests" / "workflows" / api_name).read_text())
+    ui = json.loads((REPO / "workflows" / load_examples()[api_name]).read_text())
+    ids = {key: index + 1 for index, key in enumerate(api)}
+    by_id = {node["id"]: node for node in ui["nodes"]}
+    assert len(by_id) == len(api)
+    for key, node in api.items():
+        ui_node = by_id[ids[key]]
+        assert ui_node["type"] == node["class_type"]
+        widgets = [v for v in node["inputs"].values() if not isinstance(v, list)]
+        assert ui_node["widgets_values"][: len(widgets)] == widgets
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                slot = next(s for s in ui_node["inputs"] if s["name"] == name)
+                link = next(link for link in ui["links"] if link[0] == slot["link"])
+                assert (link[1], link[2], link[3]) == (ids[value[0]], value[1], ids[key])
