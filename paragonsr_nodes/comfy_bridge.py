@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,8 +88,26 @@ def raise_if_interrupted() -> None:
 
 
 def numbered(folder: Path, prefix: str, suffix: str) -> Path:
-    """The first ``prefix_00001suffix``-style name not taken in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The first ``prefix_00001suffix``-style name not taken in ``folder``. A prefix that would
+    leave the folder (separators, "..", absolute paths) is refused."""
+    from paragonsr.errors import ParagonSRError
+
+    if (
+        not prefix
+        or Path(prefix).is_absolute()
+        or any(c in prefix for c in "/\\")
+        or (".." in prefix)
+    ):
+        raise ParagonSRError(
+            f"filename prefix {prefix!r} must be a plain name (no folders, '..' or absolute "
+            f"paths): files go into {folder}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ParagonSRError(f"{folder}: cannot create the folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ParagonSRError(f"{folder}: the folder is not writable")
     for counter in range(1, 100000):
         path = folder / f"{prefix}_{counter:05d}{suffix}"
         if not path.exists():

@@ -139,6 +139,11 @@ class UpscaleParagonSR(io.ComfyNode):
         precision="auto",
         alpha="bilinear",
     ) -> io.NodeOutput:
+        if image.ndim != 4 or image.shape[-1] not in (3, 4):
+            raise ParagonSRError(
+                f"Upscale Image (ParagonSR) takes RGB or RGBA images; this IMAGE has shape "
+                f"{tuple(image.shape)}"
+            )
         device = comfy_bridge.load_device(upscale_model)
         settings = UpscaleSettings(
             tile=tile or None,

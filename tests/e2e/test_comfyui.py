@@ -1,0 +1,215 @@
+"""End to end in a real ComfyUI (see shared/comfyui-harness/README.md): the pack symlinked into
+custom_nodes, every API workflow posted to /prompt, results checked on disk.
+
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python pytest tests/e2e
+
+Skipped, with this message, when COMFYUI_PATH is unset (CI has no ComfyUI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import REFERENCE, REPO
+from paragonsr import UpscaleSettings, load_descriptor, upscale
+from paragonsr.images import read_image
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(
+    not COMFYUI, reason="COMFYUI_PATH is unset: no real ComfyUI to run the workflows in"
+)
+WORKFLOWS = REPO / "tests" / "workflows"
+SAMPLE = REPO / "paragonsr" / "data" / "chelsea_160x120.png"
+MODEL = REPO / "models" / "paragonsr_nano_x2.safetensors"
+
+
+class Comfy:
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.url = root, f"http://127.0.0.1:{port}"
+
+    def request(self, path: str, payload: dict | None = None):
+        data = json.dumps(payload).encode() if payload is not None else None
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                self.url + path, data=data, headers={"Content-Type": "application/json"}
+            ),
+            timeout=30,
+        ) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def run(self, graph: dict, interrupt_after: float | None = None, timeout: float = 300):
+        prompt_id = self.request("/prompt", {"prompt": graph})["prompt_id"]
+        started = time.time()
+        while time.time() - started < timeout:
+            if interrupt_after is not None and time.time() - started > interrupt_after:
+                self.request("/interrupt", {})
+                interrupt_after = None
+            history = self.request(f"/history/{prompt_id}")
+            if history and prompt_id in history:
+                return history[prompt_id]
+            time.sleep(0.2)
+        raise TimeoutError(prompt_id)
+
+    def outputs(self, prefix: str) -> list[Path]:
+        return sorted((self.root / "output").glob(f"{prefix}_*"))
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    root = Path(COMFYUI)
+    python = os.environ.get("COMFYUI_PYTHON", "python3")
+    link = root / "custom_nodes" / "paragonsr"
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(REPO)
+    models = root / "models" / "upscale_models"
+    shutil.copy(MODEL, models / MODEL.name)
+    shutil.copy(REFERENCE / "tiny_x4.params_ema.pth", models / "tiny_x4.params_ema.pth")
+    shutil.copy(SAMPLE, root / "input" / SAMPLE.name)
+    Image.open(SAMPLE).resize((960, 720), Image.BICUBIC).save(root / "input" / "big.png")
+    rgba = np.asarray(Image.open(SAMPLE).convert("RGBA")).copy()
+    rgba[..., 3] = np.linspace(0, 255, rgba.shape[1], dtype=np.uint8)[None, :]
+    Image.fromarray(rgba).save(root / "input" / "rgba.png")
+    dataset = root / "input" / "paragonsr_dataset"
+    dataset.mkdir(exist_ok=True)
+    shutil.copy(SAMPLE, dataset / SAMPLE.name)
+    for old in (root / "output").glob("e2e_*"):
+        old.unlink()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("comfy") / "comfy.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [
+                python,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-auto-launch",
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        client = Comfy(root, port)
+        for _ in range(120):
+            try:
+                client.request("/system_stats")
+                break
+            except OSError:
+                time.sleep(1)
+        yield client
+        server.terminate()
+        server.wait(30)
+    assert "IMPORT FAILED" not in log_path.read_text()
+
+
+def workflow(name: str, prefix: str, **changes) -> dict:
+    graph = json.loads((WORKFLOWS / name).read_text())
+    for node in graph.values():
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] = prefix
+    for key, value in changes.items():
+        node, field = key.split(".")
+        graph[node]["inputs"][field] = value
+    return graph
+
+
+def saved(comfy: Comfy, prefix: str) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path)) for path in comfy.outputs(prefix)]
+
+
+def test_upscale_equals_the_cli_within_one_level(comfy) -> None:
+    result = comfy.run(workflow("paragonsr_upscale_api.json", "e2e_upscale"))
+    assert result["status"]["status_str"] == "success"
+    [image] = saved(comfy, "e2e_upscale")
+    expected = upscale(load_descriptor(MODEL), read_image(SAMPLE).pixels, UpscaleSettings(tile=64))
+    expected = expected[0].permute(1, 2, 0).numpy() * 255
+    assert image.shape == (240, 320, 3)
+    assert np.abs(image.astype(float) - expected).max() <= 1.0
+
+
+def test_stock_loader_and_stock_upscaler_interoperate(comfy) -> None:
+    for name, prefix in (
+        ("stock_loader_into_paragonsr_upscale_api.json", "e2e_stock_in"),
+        ("paragonsr_loader_into_stock_upscale_api.json", "e2e_stock_out"),
+    ):
+        assert comfy.run(workflow(name, prefix))["status"]["status_str"] == "success"
+        assert saved(comfy, prefix)[0].shape == (240, 320, 3)
+
+
+def test_interrupt_in_the_middle_of_an_upscale(comfy) -> None:
+    graph = workflow(
+        "paragonsr_upscale_api.json",
+        "e2e_interrupted",
+        **{"1.image": "big.png", "2.model_name": "tiny_x4.params_ema.pth", "3.tile": 64},
+    )
+    result = comfy.run(graph, interrupt_after=1.5)
+    messages = [m[0] for m in result["status"]["messages"]]
+    assert "execution_interrupted" in messages
+    assert comfy.outputs("e2e_interrupted") == []
+
+
+def test_rgba_and_a_batch_of_eight(comfy) -> None:
+    graph = workflow("paragonsr_upscale_api.json", "e2e_rgba", **{"1.image": "rgba.png"})
+    graph["5"] = {
+        "class_type": "JoinImageWithAlpha",
+        "inputs": {"image": ["1", 0], "alpha": ["1", 1]},
+    }
+    graph["3"]["inputs"]["image"] = ["5", 0]
+    assert comfy.run(graph)["status"]["status_str"] == "success"
+    [rgba] = saved(comfy, "e2e_rgba")
+    assert rgba.shape == (240, 320, 4)
+    assert rgba[..., 3][:, 0].mean() < 20 and rgba[..., 3][:, -1].mean() > 235
+
+    graph = workflow("paragonsr_upscale_api.json", "e2e_batch")
+    graph["5"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 8}}
+    graph["3"]["inputs"]["image"] = ["5", 0]
+    assert comfy.run(graph)["status"]["status_str"] == "success"
+    frames = saved(comfy, "e2e_batch")
+    assert len(frames) == 8 and all(f.shape == (240, 320, 3) for f in frames)
+    assert all(np.array_equal(frames[0], f) for f in frames)
+
+
+def test_fuse_export_and_train_write_their_files(comfy) -> None:
+    models = comfy.root / "models" / "upscale_models"
+    before = set(models.glob("tiny_x4_fused_*.safetensors"))
+    assert (
+        comfy.run(workflow("fuse_and_save_api.json", "e2e_fused"))["status"]["status_str"]
+        == "success"
+    )
+    assert len(set(models.glob("tiny_x4_fused_*.safetensors")) - before) == 1
+    assert (
+        comfy.run(workflow("export_onnx_api.json", "e2e_onnx"))["status"]["status_str"] == "success"
+    )
+    assert list((comfy.root / "output").glob("paragonsr_nano_x2_*.onnx"))
+    assert (
+        comfy.run(workflow("train_then_upscale_api.json", "e2e_trained"))["status"]["status_str"]
+        == "success"
+    )
+    assert saved(comfy, "e2e_trained")[0].shape == (240, 320, 3)
+
+
+def test_bad_input_is_a_node_error(comfy) -> None:
+    graph = workflow("export_onnx_api.json", "e2e_bad")
+    graph["2"]["inputs"]["filename_prefix"] = "../escape"
+    result = comfy.run(graph)
+    assert result["status"]["status_str"] == "error"
+    error = next(m[1] for m in result["status"]["messages"] if m[0] == "execution_error")
+    assert "must be a plain name" in error["exception_message"]
