@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -245,8 +246,25 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         device=args.device,
         max_pixels=args.max_pixels,
     )
+    from .distributed import ranks
+
+    world = ranks()
+    if world.distributed:
+        # One process per GPU (or per share of the CPU cores); each takes every world-th file.
+        settings = replace(settings, device=str(world.device(args.device)))
+        if torch.device(settings.device).type == "cpu":
+            torch.set_num_threads(world.cpu_threads())
     settings.validate()
-    pairs = plan_outputs(Path(args.input), Path(args.output), args.overwrite)
+    skip_existing = args.skip_existing or world.distributed
+    pairs = plan_outputs(Path(args.input), Path(args.output), args.overwrite or skip_existing)
+    # Shard the full sorted list first, then skip finished files: every rank gets the same
+    # shard whatever the others have already written by the time it looks.
+    pairs = pairs[world.rank :: world.world]
+    done = [pair for pair in pairs if pair[1].exists() and not args.overwrite]
+    pairs = [pair for pair in pairs if pair not in done]
+    if not pairs:
+        print(f"nothing to do: {len(done)} output(s) already exist")
+        return 0
     descriptor = load_any_model(args.model)
     keep_freed_cpu_memory()  # this process only runs the job: let glibc reuse freed memory
     if Path(args.input).is_dir():
@@ -260,7 +278,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                 result = upscale(descriptor, image.pixels, settings, tick=bar.tiles)
             except ParagonSRError as error:
                 raise ParagonSRError(f"{source}: {error}") from None
-            write_image(target, result, image.bits, overwrite=args.overwrite)
+            write_image(target, result, image.bits, overwrite=True)
             pixels += result.shape[-1] * result.shape[-2]
             bar.next_image()
     finally:
@@ -269,8 +287,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     mode = settings.mode or (
         "exact" if type(descriptor.model).__name__ == "ParagonSR" else "overlap"
     )
+    rank_note = f"rank {world.rank}/{world.world}: " if world.distributed else ""
+    skipped = f", {len(done)} already done" if done else ""
     print(
-        f"upscaled {len(pairs)} image(s) x{descriptor.scale} with "
+        f"{rank_note}upscaled {len(pairs)} image(s){skipped} x{descriptor.scale} with "
         f"{descriptor.architecture.name} ({mode} mode) in {elapsed:.1f} s: "
         f"{pixels / 1e6 / elapsed:.2f} output megapixels/s"
     )
@@ -339,6 +359,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         degrade=args.degrade,
         device=args.device,
     )
+    from .distributed import ranks
+
+    if not ranks().is_main:  # under torchrun only rank 0 reports
+        train(config)
+        return 0
     bar = _TrainBar(config.iters)
     try:
         result = train(config, progress=bar.update)
@@ -463,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse input images larger than this (default {DEFAULT_MAX_PIXELS:,})",
     )
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    up.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave outputs that exist "
+        "alone and do the rest (always on under torchrun, so a restart resumes)",
+    )
     up.set_defaults(handler=cmd_upscale)
 
     export = commands.add_parser(

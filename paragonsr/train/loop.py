@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..arch import ParagonSR, config_for_variant
 from ..checkpoint import inspect_checkpoint, load_model, save_checkpoint
+from ..distributed import Ranks, ranks
 from ..errors import ParagonSRError
 from .data import DataError, PatchSampler, bicubic_upscale, downscale, load_validation
 
@@ -161,13 +163,21 @@ def train(
     checked every iteration, and True saves a resumable state and returns."""
     # --- configuration ---------------------------------------------------------------------
     out = Path(config.out)
-    _check_run_folder(out, config.resume)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
+    # Under torchrun every rank draws the same global batch from the same seeded generator and
+    # trains on its slice; DDP averages the gradients, so N ranks take exactly the steps one
+    # process would take with the whole batch, and a resume state fits any number of ranks.
+    world = ranks()
+    device = world.device(config.device)
+    if world.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if config.batch % world.world:
+        raise TrainingError(f"--batch {config.batch} does not split over {world.world} ranks")
+    if world.is_main:
+        _check_run_folder(out, config.resume)
+    if world.distributed:
+        dist.barrier()
+    if config.threads or (world.distributed and device.type == "cpu"):
+        torch.set_num_threads(config.threads or world.cpu_threads())
     if config.schedule not in ("constant", "cosine", "multistep"):
         raise TrainingError(f"unknown schedule {config.schedule!r}")
     if config.loss not in ("l1", "charbonnier"):
@@ -206,6 +216,11 @@ def train(
     ema = copy.deepcopy(model).eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    trainer = model
+    if world.distributed:
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     autocast_dtype = None
     if device.type == "cuda":
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -230,7 +245,9 @@ def train(
         iteration = int(state["iteration"])
         history = state["history"]
 
-    def save(final: bool = False) -> None:
+    def save() -> None:
+        if not world.is_main:
+            return
         save_checkpoint(
             ema,
             out / MODEL_FILE,
@@ -257,13 +274,15 @@ def train(
     started = time.perf_counter()
     bad_steps, was_cancelled, loss_value = 0, False, math.nan
     while iteration < config.iters:
-        if cancelled is not None and cancelled():
+        if _any_rank(world, cancelled is not None and cancelled(), device):
             was_cancelled = True
             break
         lr_batch, hr_batch = sampler.batch(config.batch, generator)
-        lr_batch, hr_batch = lr_batch.to(device), hr_batch.to(device)
+        share = config.batch // world.world
+        mine = slice(world.rank * share, (world.rank + 1) * share)
+        lr_batch, hr_batch = lr_batch[mine].to(device), hr_batch[mine].to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            prediction = model(lr_batch)
+            prediction = trainer(lr_batch)
         prediction = prediction.float()
         loss = (
             F.l1_loss(prediction, hr_batch)
@@ -274,7 +293,7 @@ def train(
             from .losses import ms_ssim
 
             loss = loss + config.ms_ssim_weight * (1 - ms_ssim(prediction.clamp(0, 1), hr_batch))
-        loss_value = loss.item()
+        loss_value = _mean_over_ranks(world, loss.detach())
         optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(loss_value):
             bad_steps += 1
@@ -302,7 +321,11 @@ def train(
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
-        if validation and (iteration % config.val_every == 0 or iteration == config.iters):
+        if (
+            world.is_main
+            and validation
+            and (iteration % config.val_every == 0 or iteration == config.iters)
+        ):
             scores = validate(ema, validation, config.scale, device)
             history["validation"].append({"iteration": iteration, **scores})
             report.update(scores)
@@ -311,6 +334,8 @@ def train(
         if progress is not None:
             progress(report)
     save()
+    if world.distributed:
+        dist.barrier()
     return TrainResult(
         iteration,
         was_cancelled,
@@ -320,6 +345,23 @@ def train(
         history["validation"],
         history["losses"],
     )
+
+
+def _mean_over_ranks(world: Ranks, value: torch.Tensor) -> float:
+    if world.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world.world
+    return value.item()
+
+
+def _any_rank(world: Ranks, flag: bool, device: torch.device) -> bool:
+    """A stop requested on any rank stops them all, at the same iteration."""
+    if not world.distributed:
+        return flag
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
 
 
 def _load_state(path: Path, model: ParagonSR) -> dict:
