@@ -409,6 +409,24 @@ class _TrainBar:
             self.bar.close()
 
 
+def cmd_spandrel_hook(args: argparse.Namespace) -> int:
+    from . import spandrel_hook
+
+    if args.action == "install":
+        folder = spandrel_hook.install(user=args.user)
+        print(
+            f"installed in {folder}: every `import spandrel` in this environment now "
+            "registers ParagonSR"
+        )
+    elif args.action == "uninstall":
+        removed = spandrel_hook.uninstall(user=args.user)
+        print("removed " + ", ".join(str(p) for p in removed) if removed else "not installed")
+    else:
+        state = "installed" if spandrel_hook.installed(user=args.user) else "not installed"
+        print(f"{state} ({spandrel_hook.site_folder(args.user)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paragonsr",
@@ -572,6 +590,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--device", default="auto")
     tr.set_defaults(handler=cmd_train)
+
+    hook = commands.add_parser(
+        "spandrel-hook",
+        help="make `import spandrel` register ParagonSR in this environment",
+        description="For tools that use spandrel without importing this pack (chaiNNer, "
+        "Forge/A1111, InvokeAI): install a start-up hook into this Python's site-packages "
+        "that registers ParagonSR whenever spandrel is imported.",
+    )
+    hook.add_argument("action", choices=("install", "uninstall", "status"))
+    hook.add_argument(
+        "--user",
+        action="store_true",
+        help="the user site instead of the environment's site-packages",
+    )
+    hook.set_defaults(handler=cmd_spandrel_hook)
     return parser
 
 
