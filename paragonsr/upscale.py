@@ -233,9 +233,6 @@ def upscale(
 
     tile = settings.tile or auto_tile(descriptor, device, dtype, height, width)
     tile = min(tile, max(height, width))
-    passes = _passes_per_frame(descriptor, mode, tile, height, width, dtype)
-    alpha_passes = passes if has_alpha and settings.alpha == "model" else 0
-    progress = Progress(tick, cancelled, total=batch * (passes + alpha_passes))
     log.info(
         "upscaling %d frame(s) %dx%d x%d: %s mode, %d px tiles, %s on %s",
         batch,
@@ -249,9 +246,14 @@ def upscale(
     )
 
     original_device = descriptor.device
-    runner = _Runner(descriptor, mode, tile, settings.overlap, progress)
     try:
+        # On the device first: counting exact mode's passes builds the optimized network, which
+        # is then built once, where it runs.
         descriptor.model.to(device=device)
+        passes = _passes_per_frame(descriptor, mode, tile, height, width, dtype)
+        alpha_passes = passes if has_alpha and settings.alpha == "model" else 0
+        progress = Progress(tick, cancelled, total=batch * (passes + alpha_passes))
+        runner = _Runner(descriptor, mode, tile, settings.overlap, progress)
         with torch.inference_mode():
             for index in range(batch):
                 frame = _split_frame(

@@ -175,6 +175,12 @@ def paragonsr_model(descriptor) -> ParagonSR:
     return model
 
 
+def independent_copy(model: ParagonSR):
+    """A descriptor over fresh CPU tensors: node inputs are other nodes' cached outputs (and
+    may be inference tensors), so they are never modified or traced in place."""
+    return load_descriptor({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+
+
 class FuseParagonSR(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -204,7 +210,7 @@ class FuseParagonSR(io.ComfyNode):
     def execute(cls, upscale_model, save=False, filename_prefix="ParagonSR_fused"):
         source = paragonsr_model(upscale_model)
         # A new model: the input is a cached output of another node and must stay as it is.
-        fused = load_descriptor({k: v.detach().cpu() for k, v in source.state_dict().items()})
+        fused = independent_copy(source)
         fuse_for_release(fused.model)
         note = "already fused" if source.form == "fused" else "fused"
         if save:
@@ -271,10 +277,7 @@ class ExportParagonSRONNX(io.ComfyNode):
         )
         path = comfy_bridge.numbered(comfy_bridge.output_directory(), filename_prefix, ".onnx")
         with torch.inference_mode(False):
-            twin = load_descriptor(
-                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            ).model
-            report = export_onnx(twin, path, options)
+            report = export_onnx(independent_copy(model).model, path, options)
         return io.NodeOutput(str(path), "\n".join(report.lines()))
 
 
