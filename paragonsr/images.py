@@ -9,7 +9,6 @@ output format can hold it (PNG, and grayscale TIFF).
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import ParagonSRError
+from .files import atomic_write
 
 SUFFIXES = {
     ".png": "PNG",
@@ -154,8 +154,6 @@ def write_image(
 ) -> Path:
     """Write [1, C, H, W] or [C, H, W] values in [0, 1] atomically (temporary name, rename).
     16 bits are kept where the format holds them (PNG; grayscale TIFF), else 8 are written."""
-    from PIL import Image
-
     path = Path(path)
     fmt = check_suffix(path)
     if path.exists() and not overwrite:
@@ -167,35 +165,37 @@ def write_image(
     channels = pixels.shape[0]
     array = pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     sixteen = bits == 16 and (fmt == "PNG" or (fmt == "TIFF" and channels == 1))
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        if sixteen and fmt == "PNG" and channels > 1:
-            import png
-
-            values = np.rint(array * 65535).astype(np.uint16)
-            writer = png.Writer(
-                values.shape[1],
-                values.shape[0],
-                bitdepth=16,
-                greyscale=channels in (1, 2),
-                alpha=channels in (2, 4),
-            )
-            with open(temporary, "wb") as handle:
-                writer.write(handle, values.reshape(values.shape[0], -1))
-        elif sixteen:
-            values = np.rint(array[..., 0] * 65535).astype(np.uint16)
-            Image.fromarray(values).save(temporary, format=fmt)
-        else:
-            values = np.rint(array * 255).astype(np.uint8)
-            if fmt in ("JPEG", "BMP") and channels in (2, 4):
-                values = values[..., : channels - 1]  # these formats have no alpha
-            image = Image.fromarray(values[..., 0] if values.shape[-1] == 1 else values)
-            options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-            image.save(temporary, format=fmt, **options)
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise ImageError(path, f"could not be written ({error.strerror or error})") from None
-        raise
+        with atomic_write(path) as temporary:
+            _encode(temporary, array, fmt, channels, sixteen)
+    except OSError as error:
+        raise ImageError(path, f"could not be written ({error.strerror or error})") from None
     return path
+
+
+def _encode(temporary: Path, array: np.ndarray, fmt: str, channels: int, sixteen: bool) -> None:
+    from PIL import Image
+
+    if sixteen and fmt == "PNG" and channels > 1:
+        import png
+
+        values = np.rint(array * 65535).astype(np.uint16)
+        writer = png.Writer(
+            values.shape[1],
+            values.shape[0],
+            bitdepth=16,
+            greyscale=channels in (1, 2),
+            alpha=channels in (2, 4),
+        )
+        with open(temporary, "wb") as handle:
+            writer.write(handle, values.reshape(values.shape[0], -1))
+    elif sixteen:
+        values = np.rint(array[..., 0] * 65535).astype(np.uint16)
+        Image.fromarray(values).save(temporary, format=fmt)
+    else:
+        values = np.rint(array * 255).astype(np.uint8)
+        if fmt in ("JPEG", "BMP") and channels in (2, 4):
+            values = values[..., : channels - 1]  # these formats have no alpha
+        image = Image.fromarray(values[..., 0] if values.shape[-1] == 1 else values)
+        options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+        image.save(temporary, format=fmt, **options)

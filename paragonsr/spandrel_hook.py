@@ -11,12 +11,12 @@ and spandrel still imports as usual.
 
 from __future__ import annotations
 
-import os
 import site
 import sysconfig
 from pathlib import Path
 
 from .errors import ParagonSRError
+from .files import atomic_write
 
 PTH_NAME = "paragonsr_spandrel_hook.pth"
 MODULE_NAME = "_paragonsr_spandrel_hook"
@@ -73,9 +73,8 @@ def install(user: bool = False) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         pth, module = _files(folder)
         for path, text in ((module, HOOK_SOURCE), (pth, f"import {MODULE_NAME}\n")):
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temporary.write_text(text)
-            os.replace(temporary, path)
+            with atomic_write(path) as temporary:
+                temporary.write_text(text)
     except OSError as error:
         raise ParagonSRError(
             f"{folder}: cannot install the hook ({error.strerror}); try "

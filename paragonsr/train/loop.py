@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from ..arch import ParagonSR, config_for_variant
 from ..checkpoint import inspect_checkpoint, load_model, save_checkpoint
 from ..distributed import Ranks, ranks
 from ..errors import ParagonSRError
+from ..files import atomic_write
 from .data import DataError, PatchSampler, bicubic_upscale, downscale, load_validation
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,8 @@ def validate(ema: ParagonSR, images, scale: int, device: torch.device) -> dict:
 
 
 def atomic_torch_save(value, path: Path) -> None:
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
+    with atomic_write(path) as temporary:
         torch.save(value, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _check_run_folder(out: Path, resume: bool) -> None:
