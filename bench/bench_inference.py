@@ -1,7 +1,7 @@
 """CPU inference speed of every way to run ParagonSR, as a table.
 
     .venv/bin/python bench/bench_inference.py [--threads 2] [--size 256] [--repeats 5]
-        [--models tiny:4,nano:2,s:4] [--keep-freed-memory] [--compile]
+        [--models tiny:4,nano:2,s:4] [--keep-freed-memory] [--compile] [--baseline GIT_REV]
 
 Rows per model: the original's deployed forms (training form in eval, re-fusing every forward;
 release form), this package's plain release-form forward, and the inference-optimized network in
@@ -26,23 +26,21 @@ import common  # noqa: E402
 from reference_style import reference_style  # noqa: E402
 
 from paragonsr import config_for_variant, fuse_for_release, optimize_for_inference  # noqa: E402
-from paragonsr.arch import ParagonSR, macs_per_pixel  # noqa: E402
+from paragonsr.network import macs_per_pixel  # noqa: E402
 from paragonsr.runtime import keep_freed_cpu_memory  # noqa: E402
 
 
-def seeded_model(variant: str, scale: int) -> ParagonSR:
-    return common.seeded_model(variant, scale).set_inference_optimization(False)
-
-
-def candidates(variant: str, scale: int, compile_: bool) -> list[tuple[str, str, object, bool]]:
+def candidates(
+    variant: str, scale: int, compile_: bool, baseline: str | None
+) -> list[tuple[str, str, object, bool]]:
     """(label, MACs form, callable, run in reference style)."""
-    training = seeded_model(variant, scale)
-    fused = seeded_model(variant, scale)
+    training = common.seeded_model(variant, scale)
+    fused = common.seeded_model(variant, scale)
     fuse_for_release(fused)
     rows = [
-        ("original: training form, eval", "training", training.forward_plain, True),
-        ("original: release-fused", "fused", fused.forward_plain, True),
-        ("plain release-fused (ours)", "fused", fused.forward_plain, False),
+        ("original: training form, eval", "training", training, True),
+        ("original: release-fused", "fused", fused, True),
+        ("plain release-fused (ours)", "fused", fused, False),
         (
             "optimized, NCHW",
             "optimized",
@@ -51,18 +49,23 @@ def candidates(variant: str, scale: int, compile_: bool) -> list[tuple[str, str,
         ),
         ("optimized, channels_last", "optimized", optimize_for_inference(training), False),
     ]
+    if baseline:
+        label, before = common.baseline_optimized(baseline, training)
+        rows.append((label, "optimized", before, False))
     if compile_:
         compiled = torch.compile(optimize_for_inference(training), dynamic=False)
         rows.append(("optimized + torch.compile", "optimized", compiled, False))
     return rows
 
 
-def measure(model: str, size: int, repeats: int, compile_: bool) -> list[dict]:
+def measure(
+    model: str, size: int, repeats: int, compile_: bool, baseline: str | None
+) -> list[dict]:
     variant, scale = model.split(":")
     scale = int(scale)
     config = config_for_variant(variant, scale)
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    rows = candidates(variant, scale, compile_)
+    rows = candidates(variant, scale, compile_, baseline)
     times: dict[str, list[float]] = {label: [] for label, *_ in rows}
     with torch.inference_mode():
         for _label, _, run, reference in rows:  # warm-up (and compilation)
@@ -112,6 +115,12 @@ def main() -> None:
         help="raise glibc's mmap/trim thresholds first, as the CLI does",
     )
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument(
+        "--baseline",
+        metavar="GIT_REV",
+        help="add a row for the optimized network of this package at a git revision, timed "
+        "in the same run",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     allocator = (
@@ -129,7 +138,7 @@ def main() -> None:
     )
     print(f"|{'-' * 10}|{'-' * 34}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 9}|")
     for model in args.models.split(","):
-        for row in measure(model, args.size, args.repeats, args.compile):
+        for row in measure(model, args.size, args.repeats, args.compile, args.baseline):
             print(
                 f"| {row['model']:<8} | {row['path']:<32} | {row['ms']:>8.1f} | "
                 f"{row['vs_optimized']:>11.2f} | {row['macs_per_px']:>9,} | "

@@ -78,26 +78,27 @@ def comfyui_stock_tiles(
 
 def child(args: argparse.Namespace) -> None:
     """Run one configuration and report time and peak memory as JSON."""
-    import paragonsr  # noqa: F401
+    from paragonsr import ParagonSRArch, optimize_for_inference
     from paragonsr.upscale import UpscaleSettings, upscale
 
     torch.set_num_threads(args.threads)
     variant, scale = args.model.split(":")
     model = seeded_model(variant, int(scale))
     image = test_image(args.size)
-    with torch.inference_mode():
-        model.optimized()
+    optimized = optimize_for_inference(model)
+    # What ComfyUI's stock node calls per tile: the descriptor, which runs the optimized network.
+    descriptor = ParagonSRArch().load(model.state_dict())
 
     def call() -> torch.Tensor:
         if args.config == "whole":
             with torch.inference_mode():
-                return model(image).clamp(0, 1)
+                return optimized(image).clamp(0, 1)
         if args.config == "whole-plain":
             with torch.no_grad():
-                return model.forward_plain(image).clamp(0, 1)
+                return model(image).clamp(0, 1)
         if args.config == "comfyui":
             with torch.inference_mode():
-                return comfyui_stock_tiles(model, image, model.scale).clamp(0, 1)
+                return comfyui_stock_tiles(descriptor, image, model.scale).clamp(0, 1)
         mode, tile = args.config.split("@")
         overlap = 32
         return upscale(

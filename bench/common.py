@@ -38,3 +38,41 @@ def median_seconds(function: Callable[[], object], repeats: int, warm_up: bool =
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def package_at(revision: str):
+    """This package as it was at a git revision, imported under its own name, so one run can
+    time the code before and after a change (`--baseline REV` in the benchmarks)."""
+    import importlib
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", revision], cwd=root, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .strip()
+    )
+    name = f"paragonsr_{commit}"
+    if name not in sys.modules:
+        folder = Path(tempfile.mkdtemp(prefix="paragonsr-baseline-"))
+        archive = subprocess.run(
+            ["git", "archive", commit, "paragonsr"], cwd=root, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+        (folder / "paragonsr").rename(folder / name)
+        sys.path.insert(0, str(folder))
+        importlib.import_module(name)
+    return sys.modules[name]
+
+
+def baseline_optimized(revision: str, model: ParagonSR) -> tuple[str, torch.nn.Module]:
+    """(label, the optimized network of ``revision``'s code) for ``model``'s weights."""
+    old = package_at(revision)
+    twin = old.ParagonSR(old.ParagonSRConfig(**model.config.to_dict()), fused=model.form == "fused")
+    twin.load_state_dict(model.state_dict())
+    return f"optimized at {revision}", old.optimize_for_inference(twin.eval())

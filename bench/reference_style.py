@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from paragonsr.arch import LayerScale, ReparamDepthwise3x3
+from paragonsr.network import LayerScale, ReparamDepthwise3x3
 
 
 def _layerscale_forward(self: LayerScale, x: torch.Tensor) -> torch.Tensor:

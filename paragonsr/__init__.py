@@ -6,7 +6,6 @@ tool built on it, ComfyUI's Load Upscale Model among them) loads ParagonSR check
 
 from __future__ import annotations
 
-from .arch import VARIANTS, ParagonSR, ParagonSRConfig, config_for_variant, variant_name
 from .checkpoint import (
     Inspection,
     NonFiniteWeightsWarning,
@@ -15,12 +14,26 @@ from .checkpoint import (
     read_state_dict,
     save_checkpoint,
 )
-from .errors import CheckpointError, ParagonSRError, UnsupportedVariantError
-from .fusion import OptimizedParagonSR, fuse_for_release, optimize_for_inference
-from .models import build_model, load_descriptor
-from .onnx_export import ExportError, ExportOptions, export_onnx
-from .spandrel_arch import ARCH_ID, ParagonSRArch, register
-from .tiling import UpscaleCancelled, UpscaleError
+from .errors import (
+    CheckpointError,
+    ExportError,
+    ParagonSRError,
+    UnsupportedVariantError,
+    UpscaleCancelled,
+    UpscaleError,
+)
+from .inference import OptimizedParagonSR, optimize_for_inference
+from .network import (
+    VARIANTS,
+    ParagonSR,
+    ParagonSRConfig,
+    build_model,
+    config_for_variant,
+    fuse_for_release,
+    variant_name,
+)
+from .onnx_export import ExportOptions, export_onnx
+from .spandrel_arch import ARCH_ID, ParagonSRArch, load_descriptor, register
 from .upscale import UpscaleSettings, upscale
 
 __version__ = "0.1.0"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import secrets
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -19,8 +18,9 @@ from typing import Any, TypeAlias
 
 import torch
 
-from .arch import ParagonSR, ParagonSRConfig, ratio_for, variant_name
 from .errors import CheckpointError, UnsupportedVariantError
+from .files import atomic_write
+from .network import ParagonSR, ParagonSRConfig, not_a_plain_network, ratio_for, variant_name
 
 StateDict = dict[str, torch.Tensor]
 Source: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any]"
@@ -54,6 +54,8 @@ SIGNATURE_KEYS = (
     "conv_out.weight",
 )
 _MIXER = "body.0.blocks.0.transformer.spatial_mixer."
+# Buffers only the optimized copy has: its state dict is no checkpoint, and saying so helps.
+OPTIMIZED_SIGNATURE_KEYS = ("conv_in_weight", "tail_weight", "groups.0.0.project_in_weight")
 
 
 class NonFiniteWeightsWarning(UserWarning):
@@ -270,6 +272,14 @@ def inspect_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Inspection:
     relative = _unsupported_relative(state_dict)
     if relative is not None:
         raise UnsupportedVariantError(None, f"this is {relative}")
+    if all(k in state_dict for k in OPTIMIZED_SIGNATURE_KEYS):
+        raise CheckpointError(
+            None,
+            "this is the state of an OptimizedParagonSR (the folded, inference-only copy that "
+            "optimize_for_inference makes), not a ParagonSR checkpoint",
+            "Save the ParagonSR module it was made from instead: "
+            "paragonsr.save_checkpoint(model, path)",
+        )
     missing = [k for k in SIGNATURE_KEYS if k not in state_dict]
     if missing:
         other = _other_architecture(state_dict)
@@ -383,7 +393,7 @@ def empty_model(config: ParagonSRConfig, form: str) -> ParagonSR:
 
 def inspect_checkpoint(source: Source) -> Inspection:
     """Inspect a checkpoint file or an in-memory state dict."""
-    state_dict, label = _state_dict_of(source)
+    state_dict, label = state_dict_of(source)
     try:
         inspection = inspect_state_dict(state_dict)
     except CheckpointError as error:
@@ -392,7 +402,8 @@ def inspect_checkpoint(source: Source) -> Inspection:
     return inspection
 
 
-def _state_dict_of(source: Source) -> tuple[StateDict, str]:
+def state_dict_of(source: Source) -> tuple[StateDict, str]:
+    """A file's or a mapping's canonical state dict, and the label errors name it by."""
     if isinstance(source, Mapping):
         try:
             return canonical_state_dict(source), "state dict"
@@ -402,12 +413,10 @@ def _state_dict_of(source: Source) -> tuple[StateDict, str]:
 
 
 def load_model(source: Source, *, device: str | torch.device = "cpu") -> ParagonSR:
-    """Load a ParagonSR checkpoint (file or state dict) in the form it was saved, in eval mode.
-
-    Evaluating it without gradients runs the inference-optimized network; ``model.train()`` gives
-    the trainable network with the original key names.
-    """
-    state_dict, label = _state_dict_of(source)
+    """Load a ParagonSR checkpoint (file or state dict) in the form it was saved, in eval mode:
+    the plain network with the original key names. For fast inference pass it to
+    :func:`paragonsr.optimize_for_inference`, or load a descriptor (:func:`load_descriptor`)."""
+    state_dict, label = state_dict_of(source)
     try:
         inspection = inspect_state_dict(state_dict)
     except CheckpointError as error:
@@ -436,20 +445,16 @@ def save_checkpoint(
         raise CheckpointError(path, "already exists", "Choose another name or allow overwriting")
     if not path.parent.is_dir():
         raise CheckpointError(path, "the folder does not exist", "Create it first")
+    if isinstance(model, torch.nn.Module) and not isinstance(model, ParagonSR):
+        raise CheckpointError(
+            path, not_a_plain_network(model, "save_checkpoint"), "Nothing was written"
+        )
     state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    # Written through our own open() in the same folder: the rename is then atomic, and the file
-    # gets the user's usual permissions (safetensors' save_file and mkstemp both create 0600).
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    data = save(tensors, metadata=dict(metadata or {}))
     try:
-        with open(temporary, "wb") as handle:
-            handle.write(save(tensors, metadata=dict(metadata or {})))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CheckpointError(path, f"could not be written ({error.strerror})") from None
-        raise
+        with atomic_write(path, durable=True) as temporary:
+            temporary.write_bytes(data)
+    except OSError as error:
+        raise CheckpointError(path, f"could not be written ({error.strerror})") from None
     return path

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .arch import FORMS, ParagonSR, macs_per_pixel
 from .checkpoint import (
     Inspection,
     empty_model,
@@ -25,7 +24,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .errors import CheckpointError, ParagonSRError
-from .fusion import fuse_for_release, optimize_for_inference
+from .inference import optimize_for_inference
+from .network import FORMS, ParagonSR, fuse_for_release, macs_per_pixel
 
 EXIT_ERROR = 2
 EXIT_NOTHING_DONE = 1
@@ -96,8 +96,8 @@ def max_fusion_error(training: ParagonSR, fused: ParagonSR, seed: int = 0, size:
         1, training.config.in_chans, size, size, generator=generator, dtype=torch.float64
     )
     with torch.no_grad():
-        expected = training.double().forward_plain(image)
-        actual = fused.double().forward_plain(image)
+        expected = training.double()(image)
+        actual = fused.double()(image)
     training.float(), fused.float()
     finite = torch.isfinite(expected)
     if not torch.equal(finite, torch.isfinite(actual)):
@@ -143,7 +143,7 @@ def load_any_model(path: str):
     import spandrel
 
     from .checkpoint import looks_like_paragonsr, read_state_dict
-    from .models import load_descriptor
+    from .spandrel_arch import load_descriptor
 
     state_dict = read_state_dict(path)
     if looks_like_paragonsr(state_dict):
@@ -458,8 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     fuse.set_defaults(handler=cmd_fuse)
 
-    from .tiling import ALPHA_MODES, MODES, PRECISIONS
-    from .upscale import DEFAULT_MAX_PIXELS
+    from .upscale import ALPHA_MODES, DEFAULT_MAX_PIXELS, MODES, PRECISIONS
 
     up = commands.add_parser(
         "upscale",
@@ -549,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export.set_defaults(handler=cmd_export)
 
-    from .arch import VARIANTS
+    from .network import VARIANTS
 
     tr = commands.add_parser(
         "train",

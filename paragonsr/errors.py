@@ -32,3 +32,15 @@ class CheckpointError(ParagonSRError, ValueError):
 
 class UnsupportedVariantError(CheckpointError):
     """A network related to ParagonSR (a fork or an early revision) that this package refuses."""
+
+
+class UpscaleError(ParagonSRError, ValueError):
+    """Input the upscaling engine cannot process, with the reason and what to do."""
+
+
+class UpscaleCancelled(ParagonSRError):
+    """The caller's cancel check asked the upscaling engine to stop."""
+
+
+class ExportError(ParagonSRError, ValueError):
+    """An export that cannot be made or did not verify; nothing was written."""

@@ -8,8 +8,9 @@ What the export must satisfy, and how:
 - chaiNNer finds the scale by strict shape inference at fixed sizes. GroupNorm(1) is written as
   explicit ReduceMean/Sub/Mul/Sqrt/Div and PixelShuffle as DepthToSpace, forms strict inference
   follows; both are checked on every export at 16x16 and 64x64.
-- The exported graph is the inference-optimized network (:mod:`paragonsr.fusion`) without its
-  CPU-specific row bands, whose loop count would be frozen at the traced size.
+- The exported graph is the inference-optimized network of :mod:`paragonsr.inference`, the same
+  passes every other path runs, in its graph numerics: no CPU row bands (their count would be
+  frozen at the traced size), out-of-place Mish, explicit GroupNorm statistics.
 - fp16 graphs keep GroupNorm statistics in fp32 (activations of trained models exceed fp16's
   range inside the variance) and are refused if they overflow on a natural image.
 
@@ -23,7 +24,6 @@ import hashlib
 import io
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,18 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ParagonSR, variant_name
 from .checkpoint import load_model
-from .errors import ParagonSRError
-from .fusion import OptimizedBlock, OptimizedParagonSR, optimize_for_inference
+from .errors import ExportError
+from .files import atomic_write
+from .inference import Numerics, OptimizedParagonSR, optimize_for_inference
+from .network import ParagonSR, not_a_plain_network, variant_name
 
 OPSETS = range(14, 21)  # chaiNNer's onnxruntime 1.17 stops at 20
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "data" / "chelsea_160x120.png"
 FP32_TOLERANCE = 1e-4
-
-
-class ExportError(ParagonSRError, ValueError):
-    """An export that cannot be made or did not verify; nothing was written."""
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -115,83 +112,19 @@ class Verification:
         ]
 
 
-def _group_norm(x: torch.Tensor, eps: float, statistics_dtype: torch.dtype) -> torch.Tensor:
-    """GroupNorm(1) without affine, as operators strict shape inference follows."""
-    values = x.to(statistics_dtype)
-    mean = _nested_mean(values)
-    centered = values - mean
-    variance = _nested_mean(centered * centered)
-    return (centered / torch.sqrt(variance + eps)).to(x.dtype)
+class ExportedIO(nn.Module):
+    """The graph's input and output precision around the optimized network: with
+    ``keep_io_fp32`` an fp16 graph takes and returns float32."""
 
-
-def _nested_mean(values: torch.Tensor) -> torch.Tensor:
-    """The mean over channels, height and width as three nested means. Equal to one mean over
-    all three, but each reduction adds only one axis's worth of terms: onnxruntime sums a single
-    ReduceMean over a whole image sequentially in float32, and on s x2 that rounding alone moved
-    outputs by 2e-4."""
-    return values.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)
-
-
-class ExportableParagonSR(nn.Module):
-    """The optimized network in export-friendly operators: same weights, same algebra."""
-
-    def __init__(self, net: OptimizedParagonSR, mish_op: bool, io_fp32: bool) -> None:
+    def __init__(self, net: OptimizedParagonSR, io_fp32: bool) -> None:
         super().__init__()
         self.net = net
-        self.mish_op = mish_op
         self.io_fp32 = io_fp32
 
-    def _mish(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mish_op:
-            return F.mish(x)
-        # x * tanh(softplus(x)) with t = e^x (e^x + 2): x * t / (t + 2). Runtimes run Exp, Mul
-        # and Div fast and Softplus slowly (onnxruntime's took 5x the whole rest of the network
-        # here); exp is capped at x = 20, where tanh(softplus(x)) is 1 in float32 already.
-        exp = torch.exp(torch.clamp(x, max=20.0))
-        t = exp * (exp + 2.0)
-        return x * t / (t + 2.0)
-
-    def _block(self, block: OptimizedBlock, x: torch.Tensor) -> torch.Tensor:
-        weight = block.norm1_weight.view(1, -1, 1, 1)
-        bias = block.norm1_bias.view(1, -1, 1, 1)
-        normed = _group_norm(x, block.eps1, torch.float32) * weight + bias
-        passthrough, square, wide, tall = torch.split(normed, block.split_sizes, dim=1)
-        branches = [
-            F.conv2d(
-                part,
-                getattr(block, f"context{i}_weight"),
-                getattr(block, f"context{i}_bias"),
-                padding=block.paddings[i],
-                groups=part.shape[1],
-            )
-            for i, part in enumerate((square, wide, tall))
-        ]
-        x = x + torch.cat([passthrough, *branches], dim=1)
-        normed = _group_norm(x, block.eps2, torch.float32)
-        # Two convolutions rather than one and a Split: onnxruntime reorders the blocked
-        # layout of its convolution outputs around every Split, which costs more than it saves.
-        hidden = block.hidden
-        gate = F.conv2d(normed, block.project_in_weight[:hidden], block.project_in_bias[:hidden])
-        value = F.conv2d(normed, block.project_in_weight[hidden:], block.project_in_bias[hidden:])
-        gate = F.conv2d(gate, block.mixer_weight, block.mixer_bias, padding=1, groups=block.hidden)
-        return x + F.conv2d(
-            self._mish(gate) * value, block.project_out_weight, block.project_out_bias
-        )
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        dtype = net.conv_in_weight.dtype
-        x = image.to(dtype) if self.io_fp32 else image
-        shallow = F.conv2d(x, net.conv_in_weight, net.conv_in_bias, padding=1)
-        deep = shallow
-        for group in net.groups:
-            start = deep
-            for block in group:
-                deep = self._block(block, deep)
-            deep = deep + start
-        deep = F.conv2d(deep, net.conv_fuse_weight, net.conv_fuse_bias, padding=1) + shallow
-        out = net.tail(deep)
-        return out.float() if self.io_fp32 else out
+        if not self.io_fp32:
+            return self.net(image)
+        return self.net(image.to(self.net.conv_in_weight.dtype)).float()
 
 
 @contextlib.contextmanager
@@ -253,13 +186,16 @@ def export_onnx(
     if not os.access(output.parent, os.W_OK):
         raise ExportError(f"{output}: the output folder is not writable")
 
+    if isinstance(source, torch.nn.Module) and not isinstance(source, ParagonSR):
+        raise ExportError(not_a_plain_network(source, "export_onnx"))
     source_path = None if isinstance(source, ParagonSR) else Path(source)
     model = source if isinstance(source, ParagonSR) else load_model(source)
     config = model.config
     dtype = torch.float16 if options.fp16 else torch.float32
-    net = optimize_for_inference(model.float().cpu(), channels_last=False).to(dtype)
     mish_op = options.mish_op and options.opset >= 18
-    exportable = ExportableParagonSR(net, mish_op, io_fp32=options.keep_io_fp32).eval()
+    numerics = Numerics(graph=True, mish_operator=mish_op)
+    net = optimize_for_inference(model.float().cpu(), channels_last=False, numerics=numerics)
+    exportable = ExportedIO(net.to(dtype), io_fp32=options.keep_io_fp32).eval()
     io_dtype = torch.float32 if options.keep_io_fp32 or not options.fp16 else torch.float16
 
     height, width = options.static or (64, 64)
@@ -302,14 +238,9 @@ def export_onnx(
         graph.metadata_props.add(key=key, value=value)
     data = graph.SerializeToString()
 
-    temporary = output.parent / f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
+    with atomic_write(output) as temporary:
         temporary.write_bytes(data)
         report = _verify(onnx, onnxruntime, temporary, graph, model, config, options, io_dtype)
-        os.replace(temporary, output)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     report.path = str(output)
     report.mish = "the Mish operator" if mish_op else "x*tanh(softplus(x)) in Exp/Mul/Div"
     return report
@@ -336,7 +267,7 @@ def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dty
 
     def compare(image: torch.Tensor) -> tuple[float, int]:
         with torch.no_grad():
-            expected = model.forward_plain(image).clamp(0, 1)
+            expected = model(image).clamp(0, 1)
             # How far two float32 torch paths of the same weights (plain and optimized) fall
             # apart on this image: no runtime can be held closer than that.
             optimized = optimize_for_inference(model)(image).clamp(0, 1)

@@ -7,8 +7,10 @@ spandrel itself, or another pack, already provides an architecture with the id `
 
 from __future__ import annotations
 
+import inspect
 import logging
 
+import torch
 from spandrel import (
     MAIN_REGISTRY,
     Architecture,
@@ -19,10 +21,14 @@ from spandrel import (
     StateDict,
 )
 
-from .arch import ParagonSR
-from .checkpoint import empty_model, inspect_state_dict, looks_like_paragonsr
+from .checkpoint import Source, empty_model, inspect_state_dict, looks_like_paragonsr, state_dict_of
+from .errors import CheckpointError
+from .inference import OptimizedCall
+from .network import ParagonSR
 
 log = logging.getLogger(__name__)
+
+_TAKES_CALL_FN = "call_fn" in inspect.signature(ImageModelDescriptor.__init__).parameters
 
 ARCH_ID = "ParagonSR"
 # spandrel detectors that accept state dicts by a couple of generic keys; ParagonSR must be tried
@@ -37,6 +43,10 @@ class ParagonSRArch(Architecture[ParagonSR]):
     def load(self, state_dict: StateDict) -> ImageModelDescriptor[ParagonSR]:
         inspection = inspect_state_dict(state_dict)
         config = inspection.config
+        # Hosts call the descriptor: it runs the optimized network, rebuilt whenever the
+        # model's weights, device or dtype change. spandrel before 0.4 has no call_fn; there
+        # the descriptor runs the plain network, slower but the same result.
+        fast = {"call_fn": OptimizedCall()} if _TAKES_CALL_FN else {}
         return ImageModelDescriptor(
             empty_model(config, inspection.form),
             state_dict,
@@ -52,6 +62,7 @@ class ParagonSRArch(Architecture[ParagonSR]):
             output_channels=config.out_chans,
             # GroupNorm(1) normalizes over the whole image: independent tiles change the result.
             tiling=ModelTiling.DISCOURAGED,
+            **fast,
         )
 
 
@@ -75,3 +86,15 @@ def register(registry: ArchRegistry | None = None) -> bool:
             ArchSupport.from_architecture(ParagonSRArch(), before=loose), ignore_duplicates=True
         )
     return bool(added)
+
+
+def load_descriptor(
+    source: Source, *, device: str | torch.device = "cpu"
+) -> ImageModelDescriptor[ParagonSR]:
+    """Load a ParagonSR checkpoint as the spandrel descriptor ComfyUI and chaiNNer carry."""
+    state_dict, label = state_dict_of(source)
+    try:
+        descriptor = ParagonSRArch().load(state_dict)
+    except CheckpointError as error:
+        raise error.with_source(label) from None
+    return descriptor.to(device).eval()

@@ -1,4 +1,6 @@
-"""Tile grids and the halo loop shared by the optimized network and the tiling engine."""
+"""What every tiled computation here shares: tile grids, the halo loop, per-tile progress and
+cancellation, and recognizing out-of-memory errors. Used by the inference network's row bands
+and by both tiling modes (:mod:`paragonsr.exact_tiling`, :mod:`paragonsr.overlap_tiling`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,50 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .errors import UpscaleCancelled
+
+MIN_TILE = 32
+
+
+def _out_of_memory_types() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = []
+    for owner, name in ((torch, "OutOfMemoryError"), (torch.cuda, "OutOfMemoryError")):
+        kind = getattr(owner, name, None)
+        if isinstance(kind, type) and kind not in kinds:
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+OUT_OF_MEMORY = _out_of_memory_types()
+
+
+def release_cached_memory() -> None:
+    """Hand CUDA's cached blocks back after an out-of-memory error, before retrying smaller."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Progress:
+    """Callbacks from the engine: ``tick(done, total)`` after every tile, ``cancelled()`` before
+    every tile (return True to stop with :class:`~paragonsr.errors.UpscaleCancelled`)."""
+
+    tick: Callable[[int, int], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+    done: int = 0
+    total: int = 0
+
+    def step(self) -> None:
+        self.done += 1
+        # Out-of-memory retries add tiles the first estimate did not know about.
+        self.total = max(self.total, self.done)
+        if self.tick is not None:
+            self.tick(self.done, self.total)
+
+    def check(self) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise UpscaleCancelled("upscaling cancelled")
 
 
 @dataclass(frozen=True)
@@ -31,6 +77,11 @@ def _balanced(length: int, most: int) -> list[tuple[int, int]]:
     count = max(1, math.ceil(length / max(1, most)))
     size = math.ceil(length / count)
     return [(start, min(length, start + size)) for start in range(0, length, size)]
+
+
+def region_of(tensor: torch.Tensor, region: Tile) -> torch.Tensor:
+    """The view of ``tensor``'s last two dimensions that ``region`` covers."""
+    return tensor[..., region.top : region.bottom, region.left : region.right]
 
 
 def with_halo(tile: Tile, halo: int, height: int, width: int) -> Tile:

@@ -1,8 +1,9 @@
 """``upscale``: images in, images out, with any spandrel model (ParagonSR gets exact tiling).
 
-Handles what sits around the tiling engine: device and precision, tile size, channel layouts
+Handles what sits around the tiling: device and precision, tile size, channel layouts
 (grayscale, RGBA), frame-by-frame batches into a preallocated CPU output, progress and
-cancellation. The tiling itself is :mod:`paragonsr.tiling`.
+cancellation. The tiling itself is :mod:`paragonsr.exact_tiling` (ParagonSR, the whole-image
+result) and :mod:`paragonsr.overlap_tiling` (any model, blended tiles).
 """
 
 from __future__ import annotations
@@ -19,22 +20,19 @@ import torch
 import torch.nn.functional as F
 from spandrel import ImageModelDescriptor
 
-from .arch import ParagonSR
-from .fusion import optimize_for_inference
-from .tiles import Tile, grid
-from .tiling import (
-    ALPHA_MODES,
-    DTYPES,
-    MIN_TILE,
-    MODES,
-    PRECISIONS,
-    ExactStreamer,
-    Progress,
-    UpscaleError,
-    overlap_upscale,
-)
+from .errors import UpscaleError
+from .exact_tiling import ExactStreamer
+from .inference import OptimizedCall, OptimizedParagonSR, optimize_for_inference
+from .network import ParagonSR, not_a_plain_network
+from .overlap_tiling import overlap_upscale
+from .tiles import MIN_TILE, Progress, Tile, grid
 
 log = logging.getLogger(__name__)
+
+MODES = ("exact", "overlap")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ALPHA_MODES = ("bilinear", "model")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 DEFAULT_MAX_PIXELS = 64_000_000  # input pixels; a 8000x8000 image
 
@@ -75,7 +73,18 @@ def as_descriptor(model: ImageModelDescriptor | ParagonSR) -> ImageModelDescript
 
         descriptor = ParagonSRArch().load(model.state_dict())
         return descriptor.to(next(model.parameters()).device)
+    if isinstance(model, OptimizedParagonSR):
+        raise TypeError(not_a_plain_network(model, "upscale"))
     raise TypeError(f"expected a spandrel ImageModelDescriptor or ParagonSR, got {type(model)}")
+
+
+def optimized_network(descriptor: ImageModelDescriptor) -> OptimizedParagonSR:
+    """The optimized network a ParagonSR descriptor runs: the one its call function holds (built
+    once, shared with every other caller of the descriptor), or a new one."""
+    call = getattr(descriptor, "_call_fn", None)  # spandrel keeps call_fn there
+    if not isinstance(call, OptimizedCall):
+        call = OptimizedCall()
+    return call.network(descriptor.model)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -202,7 +211,7 @@ def upscale(
     [B, C, H*s, W*s] clamped to [0, 1]. C may be 1 (gray), 2 (gray + alpha), 3 or 4 (RGBA).
 
     ``tick(done, total)`` is called after every tile of every frame; ``cancelled()`` before
-    every tile, and returning True stops with :class:`~paragonsr.tiling.UpscaleCancelled`.
+    every tile, and returning True stops with :class:`~paragonsr.errors.UpscaleCancelled`.
     """
     settings = settings or UpscaleSettings()
     settings.validate()
@@ -276,7 +285,7 @@ def _passes_per_frame(
     descriptor, mode: str, tile: int, height: int, width: int, dtype: torch.dtype
 ) -> int:
     if mode == "exact" and tile < max(height, width):
-        streamer = ExactStreamer(descriptor.model.optimized(), tile, Progress())
+        streamer = ExactStreamer(optimized_network(descriptor), tile, Progress())
         return streamer.passes(height, width, torch.finfo(dtype).bits // 8)
     return len(grid(height, width, tile, tile))
 
@@ -320,7 +329,7 @@ class _Runner:
         pads to the architecture's size requirements and applies its own call function)."""
         descriptor = self.descriptor
         if dtype == torch.float32:
-            return descriptor.model.optimized() if is_paragonsr(descriptor) else descriptor
+            return optimized_network(descriptor) if is_paragonsr(descriptor) else descriptor
         if dtype not in self._reduced:
             if is_paragonsr(descriptor):
                 # Folded in float64 from the full-precision weights, then rounded once.

@@ -16,9 +16,9 @@ from paragonsr import (
     save_checkpoint,
     upscale,
 )
-from paragonsr.arch import macs_per_pixel
 from paragonsr.errors import ParagonSRError
-from paragonsr.tiling import MODES, PRECISIONS
+from paragonsr.network import macs_per_pixel
+from paragonsr.upscale import MODES, PRECISIONS, optimized_network
 
 from . import comfy_bridge
 
@@ -68,7 +68,7 @@ class LoadParagonSR(io.ComfyNode):
         descriptor = load_descriptor(comfy_bridge.model_path(model_name))
         if optimize:
             with torch.inference_mode():
-                descriptor.model.optimized()
+                optimized_network(descriptor)
         return io.NodeOutput(comfy_bridge.attach_patcher(descriptor), summary(descriptor))
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 
 import paragonsr  # noqa: F401  (registers ParagonSR with spandrel)
-from paragonsr.arch import ParagonSR, ParagonSRConfig
+from paragonsr.exact_tiling import ExactStreamer
+from paragonsr.inference import OptimizedParagonSR
+from paragonsr.network import ParagonSR, ParagonSRConfig
+from paragonsr.tiles import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,9 +66,23 @@ def float64_reference(model: ParagonSR, image: torch.Tensor) -> torch.Tensor:
     twin = ParagonSR(model.config, fused=model.form == "fused").double()
     twin.load_state_dict(model.state_dict())
     with torch.no_grad():
-        return twin.forward_plain(image.double())
+        return twin(image.double())
 
 
 def seeded_image(channels: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(1, channels, height, width, generator=generator)
+
+
+def exact_streamed(net: OptimizedParagonSR, image: torch.Tensor, tile: int) -> torch.Tensor:
+    """``net`` on ``image`` through the exact tiling streamer with ``tile`` px tiles (any size,
+    below the engine's 32 px minimum too, so that small images still split)."""
+    s = net.scale
+    batch, _, height, width = image.shape
+    output = torch.empty(batch, net.config.out_chans, height * s, width * s, dtype=image.dtype)
+
+    def store(t, values: torch.Tensor) -> None:
+        output[..., t.top * s : t.bottom * s, t.left * s : t.right * s].copy_(values)
+
+    ExactStreamer(net, tile, Progress())(image, store)
+    return output

@@ -1,4 +1,4 @@
-"""The network itself: complexity figures, forms, and when evaluation runs the optimized copy."""
+"""The network itself: complexity figures, forms, training, and the FFN row bands."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from paragonsr import (
     fuse_for_release,
     optimize_for_inference,
 )
-from paragonsr.arch import macs_per_pixel
+from paragonsr.network import macs_per_pixel
 
 CONFIGS = [
     config_for_variant("tiny", 4),
@@ -40,9 +40,9 @@ def test_macs_per_pixel_match_torch_flop_counter(config) -> None:
     # the fused form costs; "training" reports the original's three-branch forward.
     hidden_taps = 10 * config.ffn_hidden * config.num_groups * config.num_blocks
     assert macs_per_pixel(config, "training") == macs_per_pixel(config, "fused") + hidden_taps
-    assert counted_macs(model.forward_plain, image) == macs_per_pixel(config, "fused") * pixels
+    assert counted_macs(model, image) == macs_per_pixel(config, "fused") * pixels
     fuse_for_release(model)
-    assert counted_macs(model.forward_plain, image) == macs_per_pixel(config, "fused") * pixels
+    assert counted_macs(model, image) == macs_per_pixel(config, "fused") * pixels
     optimized = counted_macs(optimize_for_inference(model), image) / pixels
     # The analytic figure leaves out the exact border strips of the tail, O(perimeter) work.
     assert (
@@ -63,7 +63,6 @@ def test_training_mode_runs_the_trainable_network_with_gradients() -> None:
     mixer = model.body[0].blocks[0].transformer.spatial_mixer
     for branch in (mixer.conv3x3, mixer.conv1x1, mixer.dw_conv3x3):
         assert branch.weight.grad is not None and branch.weight.grad.abs().sum() > 0
-    assert model._inference_cache is None
 
 
 def test_eval_with_gradients_enabled_stays_differentiable() -> None:
@@ -71,46 +70,6 @@ def test_eval_with_gradients_enabled_stays_differentiable() -> None:
     image = seeded_image(3, 12, 12).requires_grad_()
     model(image).sum().backward()
     assert image.grad is not None and model.conv_in.weight.grad is not None
-
-
-def test_optimized_copy_follows_weight_changes() -> None:
-    model = randomized_model(config_for_variant("nano", 2))
-    image = seeded_image(3, 12, 12)
-    with torch.inference_mode():
-        before = model(image)
-        first = model.optimized()
-        assert model.optimized() is first  # cached while the weights stay the same
-    with torch.no_grad():
-        model.body[1].blocks[0].ls2.gamma.mul_(3)
-        expected = model.forward_plain(image)
-    with torch.inference_mode():
-        after = model(image)
-    assert model.optimized() is not first
-    assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_optimized_copy_follows_dtype_and_release_fusion() -> None:
-    model = randomized_model(config_for_variant("nano", 2))
-    image = seeded_image(3, 10, 9)
-    with torch.inference_mode():
-        float32 = model(image)
-        model.double()
-        float64 = model(image.double())
-        model.float()
-        assert float64.dtype == torch.float64
-        torch.testing.assert_close(float64.float(), float32, rtol=1e-5, atol=1e-5)
-        fuse_for_release(model)
-        assert model.form == "fused"
-        torch.testing.assert_close(model(image), float32, rtol=1e-5, atol=1e-5)
-
-
-def test_disabling_the_optimization_runs_the_plain_layers() -> None:
-    model = randomized_model(config_for_variant("nano", 2)).set_inference_optimization(False)
-    image = seeded_image(3, 8, 8)
-    with torch.inference_mode():
-        assert torch.equal(model(image), model.forward_plain(image))
-    assert model._inference_cache is None
 
 
 def test_fresh_models_start_with_small_layerscale_as_the_original() -> None:
@@ -139,8 +98,8 @@ def test_ffn_bands_join_without_seams(monkeypatch, height: int) -> None:
     image = seeded_image(3, height, 11)
     with torch.no_grad():
         whole = optimize_for_inference(model)(image)
-        monkeypatch.setattr("paragonsr.fusion.BAND_BYTES", 1)
+        monkeypatch.setattr("paragonsr.inference.BAND_BYTES", 1)
         banded = optimize_for_inference(model)(image)
-        expected = model.double().forward_plain(image.double())
+        expected = model.double()(image.double())
     assert (banded.double() - expected).abs().max().item() < 1e-4
     torch.testing.assert_close(banded, whole, rtol=1e-6, atol=1e-6)

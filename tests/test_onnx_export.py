@@ -82,7 +82,7 @@ def test_chainners_pinned_runtime_opens_and_runs_the_export(tmp_path, options) -
     from paragonsr import load_model
 
     with torch.no_grad():
-        expected = load_model(TINY).forward_plain(torch.from_numpy(image)).numpy()
+        expected = load_model(TINY)(torch.from_numpy(image)).numpy()
     error = np.abs(np.load(tmp_path / "output.npy") - expected).max()
     assert error < (2e-2 if options.fp16 else 1e-4)
 

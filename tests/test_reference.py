@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import onnxruntime
 import pytest
 import spandrel
 import torch
 from safetensors.torch import load_file
 
-from helpers import MANIFEST, REFERENCE
+from helpers import MANIFEST, REFERENCE, exact_streamed
 from paragonsr import (
+    export_onnx,
     fuse_for_release,
     inspect_checkpoint,
     load_descriptor,
@@ -76,19 +78,32 @@ def test_spandrel_loads_without_hints_and_reproduces_expected(
 
 
 @pytest.mark.parametrize(("case", "suffix", "form"), FILES, ids=IDS)
-def test_every_path_matches_float64_ground_truth(case: str, suffix: str, form: str) -> None:
+def test_every_path_matches_float64_ground_truth(
+    case: str, suffix: str, form: str, tmp_path
+) -> None:
     io = reference_io(case)
+    image = io["input"]
     model = load_model(REFERENCE / f"{case}.{suffix}")
     assert model.form == form
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(model, onnx_file)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        plain = model.forward_plain(io["input"])
-        optimized = optimize_for_inference(model)(io["input"])
-        optimized_nchw = optimize_for_inference(model, channels_last=False)(io["input"])
-    for output in (plain, optimized, optimized_nchw):
-        assert (output.double() - io["expected"]).abs().max().item() < TOLERANCE
-    # Evaluation without gradients dispatches to the optimized network.
+        optimized = optimize_for_inference(model)
+        paths = {
+            "plain": model(image),
+            "optimized": optimized(image),
+            "optimized NCHW": optimize_for_inference(model, channels_last=False)(image),
+            "exact-streamed": exact_streamed(optimized, image, tile=24),
+            "ONNX": torch.from_numpy(session.run(None, {"input": image.numpy()})[0]),
+        }
+    for path, output in paths.items():
+        assert (output.double() - io["expected"]).abs().max().item() < TOLERANCE, path
+    # forward is the plain network in every mode; the descriptor serves the optimized one.
     with torch.inference_mode():
-        assert torch.equal(model(io["input"]), optimized)
+        assert torch.equal(model(image), paths["plain"])
+        descriptor = load_descriptor(REFERENCE / f"{case}.{suffix}")
+        assert torch.equal(descriptor(image), paths["optimized"].clamp(0, 1))
 
 
 @pytest.mark.parametrize("case", ["nano_x2", "tiny_x4"])
@@ -104,7 +119,7 @@ def test_release_fusion_matches_the_reference_fused_file(case: str, tmp_path) ->
         torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-6, msg=key)
     io = reference_io(case)
     with torch.no_grad():
-        fused_output = model.forward_plain(io["input"])
+        fused_output = model(io["input"])
     assert (fused_output - io["expected_fused"]).abs().max().item() < 1e-5
 
 

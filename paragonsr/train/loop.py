@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..arch import ParagonSR, config_for_variant
 from ..checkpoint import inspect_checkpoint, load_model, save_checkpoint
 from ..distributed import Ranks, ranks
 from ..errors import ParagonSRError
 from ..files import atomic_write
+from ..network import ParagonSR, config_for_variant
 from .data import DataError, PatchSampler, bicubic_upscale, downscale, load_validation
 
 log = logging.getLogger(__name__)

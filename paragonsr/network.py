@@ -1,4 +1,4 @@
-"""The ParagonSR network and the table of its named variants.
+"""The plain ParagonSR network, the table of its named variants, and release fusion.
 
 One set of classes serves both checkpoint forms: the *training* form, whose FFN spatial mixers carry
 three parallel depthwise branches (3x3, 1x1 and a second 3x3), and the *release* form, where each
@@ -6,9 +6,9 @@ mixer is a single depthwise 3x3 convolution. Module attribute names are fixed by
 implementation's checkpoints (``body.G.blocks.B.transformer.spatial_mixer.conv3x3.weight`` and so
 on) and must not change.
 
-Evaluation with gradients disabled runs the inference-optimized network from :mod:`paragonsr.fusion`
-(built once, rebuilt only when a weight changes); training and autograd always run the plain
-forward.
+``ParagonSR.forward`` is this network and nothing else, in every mode: hooks, exporters,
+torch.compile and in-place weight edits all see the module they hold. The fast inference network
+is a separate, explicit copy: :func:`paragonsr.inference.optimize_for_inference`.
 """
 
 from __future__ import annotations
@@ -217,9 +217,13 @@ class ReparamDepthwise3x3(nn.Module):
     def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_fused:
             return self.weight, self.bias
-        weight = (
-            self.conv3x3.weight + F.pad(self.conv1x1.weight, (1, 1, 1, 1)) + self.dw_conv3x3.weight
-        )
+        one_by_one = self.conv1x1.weight
+        # The 1x1 tap lands in the kernel's centre through a broadcast product, not F.pad: the
+        # TorchScript ONNX exporter loses the padded kernel's shape under dynamic axes and then
+        # refuses the convolution ("kernel of unknown shape").
+        centre = torch.zeros(3, 3, dtype=one_by_one.dtype, device=one_by_one.device)
+        centre[1, 1] = 1
+        weight = self.conv3x3.weight + one_by_one * centre + self.dw_conv3x3.weight
         bias = self.conv3x3.bias + self.conv1x1.bias + self.dw_conv3x3.bias
         return weight, bias
 
@@ -256,7 +260,7 @@ class ParagonBlock(nn.Module):
     def __init__(self, config: ParagonSRConfig, fused: bool = False) -> None:
         super().__init__()
         dim = config.num_feat
-        # num_groups=1 normalizes over channels *and* the whole image: see paragonsr.tiling.
+        # num_groups=1 normalizes over channels *and* the whole image: see paragonsr.exact_tiling.
         self.norm1 = nn.GroupNorm(1, dim)
         self.context = MultiScaleDepthwise(
             dim, config.square_kernel_size, config.band_kernel_size, config.branch_channels
@@ -300,8 +304,6 @@ class ParagonSR(nn.Module):
             nn.Conv2d(nf, nf * config.scale**2, 3, padding=1), nn.PixelShuffle(config.scale)
         )
         self.conv_out = nn.Conv2d(nf, config.out_chans, 3, padding=1)
-        self.inference_optimization = True
-        self._inference_cache: tuple[tuple, nn.Module] | None = None
 
     @property
     def scale(self) -> int:
@@ -314,45 +316,48 @@ class ParagonSR(nn.Module):
     def spatial_mixers(self) -> list[ReparamDepthwise3x3]:
         return [m for m in self.modules() if isinstance(m, ReparamDepthwise3x3)]
 
-    def set_inference_optimization(self, enabled: bool) -> ParagonSR:
-        """With False, evaluation runs this module's own layers as the original code does."""
-        self.inference_optimization = enabled
-        self._inference_cache = None
-        return self
-
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shallow = self.conv_in(x)
         deep = self.conv_fuse(self.body(shallow)) + shallow
         return self.conv_out(self.upsampler(deep))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() or not self.inference_optimization:
-            return self.forward_plain(x)
-        return self.optimized()(x)
 
-    def optimized(self) -> nn.Module:
-        """The inference-optimized network for the current weights, device and dtype (cached)."""
-        from .fusion import optimize_for_inference
+def build_model(variant: str, scale: int, *, in_chans: int = 3, fused: bool = False) -> ParagonSR:
+    """A freshly initialized network of a named variant (nano, tiny, xs, s, m, l, xl)."""
+    return ParagonSR(config_for_variant(variant, scale, in_chans), fused=fused)
 
-        key = tuple(
-            # Tensors made under inference_mode keep no version counter; they can only change
-            # in place inside inference_mode, where nothing trains.
-            (p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device)
-            for p in self.parameters()
+
+def fuse_for_release(model: ParagonSR) -> ParagonSR:
+    """Reparameterize every spatial mixer in place (the release form); a fused model is returned
+    unchanged. The result is key for key the checkpoint the original implementation writes."""
+    if not isinstance(model, ParagonSR):
+        raise TypeError(not_a_plain_network(model, "fuse_for_release"))
+    for module in model.modules():
+        if isinstance(module, ReparamDepthwise3x3):
+            module.reparameterize()
+    return model
+
+
+def not_a_plain_network(value: object, where: str) -> str:
+    """The message for a caller who handed ``where`` something other than a ParagonSR module."""
+    if type(value).__name__ == "OptimizedParagonSR":
+        return (
+            f"{where} needs the ParagonSR module (the plain network with the original's weights), "
+            "not the OptimizedParagonSR made from it by optimize_for_inference: that copy is "
+            "inference-only, its weights are folded and renamed. Pass the model you optimized, "
+            "or load the checkpoint again with paragonsr.load_model"
         )
-        if self._inference_cache is None or self._inference_cache[0] != key:
-            self._inference_cache = None  # drop the stale copy before building the new one
-            self._inference_cache = (key, optimize_for_inference(self))
-        return self._inference_cache[1]
+    return f"{where} needs a ParagonSR module, got {type(value).__name__}"
 
 
 def macs_per_pixel(config: ParagonSRConfig, form: str) -> int:
     """Multiply-accumulates per low-resolution input pixel of the convolutions in ``form``.
 
     "training" is the original's three-branch forward (this package's training forward convolves
-    with the summed mixer kernel and costs what "fused" costs); "optimized" is the in-memory
-    inference network. Normalization, activation and LayerScale are elementwise and not counted;
-    neither are the optimized tail's exact border strips, which cost O(perimeter)."""
+    with the summed mixer kernel and costs what "fused" costs); "optimized" is the inference
+    network of :mod:`paragonsr.inference`. Normalization, activation and LayerScale are
+    elementwise and not counted; neither are the optimized tail's exact border strips, which
+    cost O(perimeter)."""
     nf, hidden, branch = config.num_feat, config.ffn_hidden, config.branch_channels
     mixer_taps = 9 + 1 + 9 if form == "training" else 9
     block = (

@@ -1,0 +1,486 @@
+"""The inference network: ParagonSR with every fold applied, and the one definition of its passes.
+
+:func:`optimize_for_inference` turns a :class:`~paragonsr.network.ParagonSR` (either form) into a
+standalone, inference-only :class:`OptimizedParagonSR`. Per block:
+
+- LayerScale ``gamma1`` moves into the context convolutions (output channel scaling) and, for the
+  pass-through channels that have no convolution, into GroupNorm-1's affine;
+- GroupNorm-2's affine moves into the two 1x1 input projections, which become one 1x1 convolution
+  producing gate and value together;
+- LayerScale ``gamma2`` moves into the 1x1 output projection;
+- the FFN's three mixer branches are summed into one depthwise 3x3 kernel.
+
+The tail ``conv 3x3 (nf -> nf*s^2) -> PixelShuffle(s) -> conv 3x3 (nf -> out)`` is linear, so it
+collapses into one 5x5 convolution at low resolution (``nf -> out*s^2``) followed by PixelShuffle,
+which never materializes the nf-channel high-resolution feature map. Composition is exact except
+where ``conv_out``'s zero padding meets the image border: there the original pads the
+*intermediate* map with zeros, whereas the composite would see its values extrapolated. The
+outermost output row and column on each side are recomputed exactly from 2- or 3-pixel strips
+of the input. Every fold is done in float64 and only then cast to the model's dtype.
+
+**One definition.** :class:`InferenceBlock` writes a block's two passes once: ``context`` (the
+residual plus LayerScale'd multi-scale context of a GroupNorm'd input) and ``ffn_delta``
+(LayerScale'd gated FFN of a GroupNorm'd input); :class:`OptimizedParagonSR` adds ``head``,
+``fuse`` and the collapsed ``tail``. Every inference path is built from these methods: the
+whole-image forward here, the exact tiling streamer (:mod:`paragonsr.exact_tiling`, which feeds
+them tiles normalized with whole-image statistics) and the ONNX export (this module with
+:data:`GRAPH` numerics). What legitimately differs between those paths, and nothing else, lives
+in :class:`Numerics`: how GroupNorm(1)'s statistics and Mish are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .network import ParagonBlock, ParagonSR, not_a_plain_network
+from .tiles import grid, run_tiled
+
+# ----------------------------------------------------------------------------------------------
+# The numeric forms of GroupNorm(1) and Mish, each written once.
+
+
+def mish_(x: torch.Tensor) -> torch.Tensor:
+    """Mish, overwriting ``x``: x * tanh(softplus(x)) = x - 2x / (e^x (e^x + 2) + 2).
+
+    ATen's CPU Mish runs 3-4x slower than these few vectorized passes, which stay exact to float
+    rounding (within 1.3e-6 of float64 Mish for |x| up to 1e4): e^x overflowing to inf
+    gives x, and e^x vanishing gives 0, as Mish does.
+    """
+    exp = torch.exp(x)
+    denominator = exp + 2
+    denominator.mul_(exp).add_(2)
+    return torch.addcdiv(x, x, denominator, value=-2.0, out=exp)
+
+
+def mish_graph(x: torch.Tensor) -> torch.Tensor:
+    """Mish in out-of-place Exp/Mul/Div, for graphs: x * t / (t + 2) with t = e^x (e^x + 2).
+
+    Runtimes run these fast and Softplus slowly (onnxruntime's took 5x the whole rest of the
+    network). exp is capped at x = 20, where tanh(softplus(x)) is 1 in float32 already, so the
+    graph never forms inf/inf."""
+    exp = torch.exp(torch.clamp(x, max=20.0))
+    t = exp * (exp + 2.0)
+    return x * t / (t + 2.0)
+
+
+def nested_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over channels, height and width as three nested means. Equal to one mean over
+    all three, but each reduction adds only one axis's worth of terms: onnxruntime sums a single
+    ReduceMean over a whole image sequentially in float32, and on s x2 that rounding alone moved
+    outputs by 2e-4."""
+    return values.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)
+
+
+def group_norm_graph(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """GroupNorm(1) without affine in operators strict ONNX shape inference follows, with
+    float32 statistics for half-precision graphs (trained models' activations square past
+    fp16's range)."""
+    values = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    centered = values - nested_mean(values)
+    normed = centered / torch.sqrt(nested_mean(centered * centered) + eps)
+    return normed.to(x.dtype)
+
+
+class Moments:
+    """GroupNorm(1) statistics gathered region by region: running per-sample sum and sum of
+    squares in float64, for passes that never hold the whole map (exact tiling)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        dims = tuple(range(1, values.ndim))
+        total = values.sum(dim=dims, dtype=torch.float64)
+        squares = torch.linalg.vector_norm(values, dim=dims, dtype=torch.float64).square()
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.count += values[0].numel()
+
+    def normalizer(
+        self, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) shaped [N, C or 1, 1, 1] with GroupNorm(x) == x * scale + shift."""
+        if self.total is None or self.squares is None:
+            raise RuntimeError("no values were gathered for these statistics")
+        mean = (self.total / self.count).view(-1, 1, 1, 1)
+        variance = (self.squares / self.count).view(-1, 1, 1, 1) - mean.square()
+        scale = (variance.clamp_(min=0) + eps).rsqrt()
+        shift = -mean * scale
+        if weight is not None:
+            scale = scale * weight.view(1, -1, 1, 1)
+            shift = shift * weight.view(1, -1, 1, 1)
+        if bias is not None:
+            shift = shift + bias.view(1, -1, 1, 1)
+        return scale, shift
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How GroupNorm(1) and Mish are computed, and whether the FFN runs in row bands.
+
+    ``graph=False`` (:data:`EAGER`): ATen's fused GroupNorm, Mish overwriting its input, the FFN
+    in cache-sized row bands. ``graph=True`` (:data:`GRAPH`): out-of-place operators whose
+    traced graph holds at every image size (ONNX export, any tracer); ``mish_operator`` writes
+    ONNX's own Mish (opset 18+) instead of Exp/Mul/Div.
+    """
+
+    graph: bool = False
+    mish_operator: bool = False
+
+    def group_norm(
+        self,
+        x: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.graph:
+            return F.group_norm(x, 1, weight, bias, eps)
+        normed = group_norm_graph(x, eps)
+        if weight is not None:
+            normed = normed * weight.view(1, -1, 1, 1)
+        if bias is not None:
+            normed = normed + bias.view(1, -1, 1, 1)
+        return normed
+
+    def mish(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.graph:
+            return mish_(x)
+        return F.mish(x) if self.mish_operator else mish_graph(x)
+
+
+EAGER = Numerics()
+GRAPH = Numerics(graph=True)
+
+# ----------------------------------------------------------------------------------------------
+# The folded network.
+
+BAND_BYTES = 8 << 20
+
+
+def band_rows(bytes_per_row: int, height: int) -> int:
+    """Rows per band so that one band's widest temporary holds about BAND_BYTES (at least 16
+    rows, to keep the one-row halos cheap)."""
+    return max(16, min(height, BAND_BYTES // max(1, bytes_per_row)))
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+class InferenceBlock(nn.Module):
+    """One ParagonBlock with its folds applied; :meth:`context` and :meth:`ffn_delta` are the
+    block's arithmetic for every inference path."""
+
+    ffn_halo = 1  # the 3x3 mixer's reach
+
+    def __init__(self, block: ParagonBlock) -> None:
+        super().__init__()
+        context = block.context
+        passthrough, branch = context.split_sizes[0], context.split_sizes[1]
+        gamma1, gamma2 = _f64(block.ls1.gamma), _f64(block.ls2.gamma)
+
+        norm1_scale = torch.ones_like(gamma1)
+        norm1_scale[:passthrough] = gamma1[:passthrough]
+        self.register_buffer("norm1_weight", _f64(block.norm1.weight) * norm1_scale)
+        self.register_buffer("norm1_bias", _f64(block.norm1.bias) * norm1_scale)
+        self.eps1 = block.norm1.eps
+        self.split_sizes = context.split_sizes
+
+        convs = (context.dwconv_hw, context.dwconv_w, context.dwconv_h)
+        self.paddings = [conv.padding for conv in convs]
+        for index, conv in enumerate(convs):
+            start = passthrough + index * branch
+            gamma = gamma1[start : start + branch]
+            self.register_buffer(
+                f"context{index}_weight", _f64(conv.weight) * gamma.view(-1, 1, 1, 1)
+            )
+            self.register_buffer(f"context{index}_bias", _f64(conv.bias) * gamma)
+
+        ffn = block.transformer
+        norm2_weight, norm2_bias = _f64(block.norm2.weight), _f64(block.norm2.bias)
+        project_in = torch.cat((_f64(ffn.project_in_g.weight), _f64(ffn.project_in_i.weight)))
+        project_in_bias = torch.cat((_f64(ffn.project_in_g.bias), _f64(ffn.project_in_i.bias)))
+        self.register_buffer("project_in_weight", project_in * norm2_weight.view(1, -1, 1, 1))
+        self.register_buffer(
+            "project_in_bias", project_in_bias + project_in.flatten(1) @ norm2_bias
+        )
+        self.eps2 = block.norm2.eps
+        self.hidden = ffn.project_in_g.out_channels
+
+        mixer_weight, mixer_bias = ffn.spatial_mixer.fused_kernel()
+        self.register_buffer("mixer_weight", _f64(mixer_weight))
+        self.register_buffer("mixer_bias", _f64(mixer_bias))
+        self.register_buffer(
+            "project_out_weight", _f64(ffn.project_out.weight) * gamma2.view(-1, 1, 1, 1)
+        )
+        self.register_buffer("project_out_bias", _f64(ffn.project_out.bias) * gamma2)
+
+    @property
+    def context_halo(self) -> int:
+        """How far the context convolutions reach, in pixels (the band kernel's half width)."""
+        return max(max(padding) for padding in self.paddings)
+
+    def context(self, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """``residual + LayerScale(context(normed))`` for a region; ``normed`` is GroupNorm-1 of
+        the residual with this block's folded affine (``norm1_weight``, ``norm1_bias``)."""
+        passthrough, *branches = torch.split(normed, self.split_sizes, dim=1)
+        convolved = [
+            F.conv2d(
+                part,
+                getattr(self, f"context{index}_weight"),
+                getattr(self, f"context{index}_bias"),
+                padding=self.paddings[index],
+                groups=part.shape[1],
+            )
+            for index, part in enumerate(branches)
+        ]
+        return torch.cat((passthrough, *convolved), dim=1).add_(residual)
+
+    def ffn_delta(self, normed: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        """``LayerScale(ffn(normed))`` for a region; ``normed`` is GroupNorm-2's output without
+        affine (folded into the projection). Reaches :attr:`ffn_halo` pixel."""
+        hidden = self.hidden
+        # Two convolutions, not one and a split: onnxruntime reorders the blocked layout of its
+        # convolution outputs around every Split, which costs more than it saves.
+        gate = F.conv2d(normed, self.project_in_weight[:hidden], self.project_in_bias[:hidden])
+        value = F.conv2d(normed, self.project_in_weight[hidden:], self.project_in_bias[hidden:])
+        gate = F.conv2d(gate, self.mixer_weight, self.mixer_bias, padding=1, groups=hidden)
+        return F.conv2d(numerics.mish(gate) * value, self.project_out_weight, self.project_out_bias)
+
+    def forward(self, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        x = self.context(x, numerics.group_norm(x, self.eps1, self.norm1_weight, self.norm1_bias))
+        normed = numerics.group_norm(x, self.eps2)
+        if numerics.graph:
+            return x + self.ffn_delta(normed, numerics)
+        # The FFN runs in bands of rows. Its temporaries are 2*hidden channels wide; whole-image
+        # ones cost page faults on every allocation (glibc returns big blocks to the system) and
+        # fall out of cache between the elementwise passes. Each band reads its halo row from
+        # `normed`, never from x, so x can be updated in place band by band.
+        height, width = x.shape[2:]
+        rows = band_rows(x.shape[0] * width * 2 * self.hidden * x.element_size(), height)
+        run_tiled(
+            lambda region: self.ffn_delta(normed[..., region.top : region.bottom, :], numerics),
+            grid(height, width, rows, width),
+            self.ffn_halo,
+            height,
+            width,
+            lambda tile, delta: x[..., tile.top : tile.bottom, :].add_(delta),
+        )
+        return x
+
+
+def composite_tail_kernel(
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    scale: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5x5 low-resolution kernel equal to conv3x3 -> PixelShuffle(scale) -> conv3x3 (interior).
+
+    Output channel ``o*s*s + a*s + b`` holds high-resolution sub-pixel (a, b) of channel o, so a
+    PixelShuffle of the composite output lines up with the original.
+    """
+    s = scale
+    nf = out_weight.shape[1]
+    out_ch = out_weight.shape[0]
+    up = up_weight.reshape(nf, s, s, *up_weight.shape[1:])  # [c, a2, b2, k, 3, 3]
+    up_b = up_bias.reshape(nf, s, s)
+    kernel = up_weight.new_zeros(out_ch, s, s, up_weight.shape[1], 5, 5)
+    bias = out_bias.view(out_ch, 1, 1).repeat(1, s, s)
+    for a in range(s):
+        for b in range(s):
+            for dy in (-1, 0, 1):
+                lr_y, a2 = divmod(a + dy, s)
+                for dx in (-1, 0, 1):
+                    lr_x, b2 = divmod(b + dx, s)
+                    tap = out_weight[:, :, dy + 1, dx + 1]  # [o, c]
+                    kernel[:, a, b, :, lr_y + 1 : lr_y + 4, lr_x + 1 : lr_x + 4] += torch.einsum(
+                        "oc,ckyx->okyx", tap, up[:, a2, b2]
+                    )
+                    bias[:, a, b] += tap @ up_b[:, a2, b2]
+    return kernel.reshape(out_ch * s * s, -1, 5, 5), bias.reshape(-1)
+
+
+# What a ParagonSR module has and its optimized copy has not: named in the error for a caller
+# who reaches for them (a hook on body[0], an exporter expecting the original's layers).
+_PLAIN_ONLY = ("body", "conv_in", "conv_fuse", "upsampler", "conv_out", "form", "spatial_mixers")
+
+
+class OptimizedParagonSR(nn.Module):
+    """Inference-only ParagonSR with every fold applied; see the module docstring.
+
+    A standalone copy: it holds its own folded weights, so later changes to the ParagonSR it was
+    made from do not reach it (make a new one). It never trains.
+    """
+
+    tail_halo = 2  # the collapsed 5x5 kernel's reach, in low-resolution pixels
+    head_halo = 1
+
+    def __init__(
+        self, model: ParagonSR, channels_last: bool = True, numerics: Numerics = EAGER
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, ParagonSR):
+            raise TypeError(not_a_plain_network(model, "optimize_for_inference"))
+        self.config = model.config
+        self.scale = model.config.scale
+        self.channels_last = channels_last
+        self.numerics = numerics
+        self.register_buffer("conv_in_weight", _f64(model.conv_in.weight))
+        self.register_buffer("conv_in_bias", _f64(model.conv_in.bias))
+        self.groups = nn.ModuleList(
+            nn.ModuleList(InferenceBlock(block) for block in group.blocks) for group in model.body
+        )
+        self.register_buffer("conv_fuse_weight", _f64(model.conv_fuse.weight))
+        self.register_buffer("conv_fuse_bias", _f64(model.conv_fuse.bias))
+        up, out = model.upsampler[0], model.conv_out
+        for name, tensor in (
+            ("up_weight", up.weight),
+            ("up_bias", up.bias),
+            ("out_weight", out.weight),
+            ("out_bias", out.bias),
+        ):
+            self.register_buffer(name, _f64(tensor))
+        tail_weight, tail_bias = composite_tail_kernel(
+            self.up_weight, self.up_bias, self.out_weight, self.out_bias, self.scale
+        )
+        self.register_buffer("tail_weight", tail_weight)
+        self.register_buffer("tail_bias", tail_bias)
+        reference = next(model.parameters())
+        self.to(device=reference.device, dtype=reference.dtype)
+        self.eval()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _PLAIN_ONLY:
+                raise AttributeError(
+                    f"OptimizedParagonSR has no {name!r}: it is the folded, inference-only copy "
+                    "made by optimize_for_inference. Hooks, exporters and weight edits belong on "
+                    "the ParagonSR module it was made from (its forward is the plain network)"
+                ) from None
+            raise
+
+    def train(self, mode: bool = True) -> OptimizedParagonSR:
+        if mode:
+            raise RuntimeError(
+                "OptimizedParagonSR is inference-only and cannot train: train the ParagonSR "
+                "module and call optimize_for_inference on it afterwards"
+            )
+        return super().train(False)
+
+    @property
+    def blocks(self) -> list[InferenceBlock]:
+        return [block for group in self.groups for block in group]
+
+    def head(self, image: torch.Tensor) -> torch.Tensor:
+        """The shallow features of an image region (reach :attr:`head_halo`)."""
+        return F.conv2d(image, self.conv_in_weight, self.conv_in_bias, padding=1)
+
+    def fuse(self, deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
+        """The body's closing convolution plus the long skip (reach 1)."""
+        return F.conv2d(deep, self.conv_fuse_weight, self.conv_fuse_bias, padding=1).add_(shallow)
+
+    def tail_exact(self, x: torch.Tensor) -> torch.Tensor:
+        upsampled = F.pixel_shuffle(
+            F.conv2d(x, self.up_weight, self.up_bias, padding=1), self.scale
+        )
+        return F.conv2d(upsampled, self.out_weight, self.out_bias, padding=1)
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsampler and output convolution of a region (reach :attr:`tail_halo`), border pixels
+        exact."""
+        height, width = x.shape[-2:]
+        if height < 3 or width < 3:
+            return self.tail_exact(x)
+        s = self.scale
+        fast = F.pixel_shuffle(F.conv2d(x, self.tail_weight, self.tail_bias, padding=2), s)
+        # Only the outermost output row/column sees conv_out's padding of the intermediate map.
+        # It needs the intermediate rows 0 and 1: low-resolution row 0 alone when s >= 2, which
+        # in turn needs input rows 0-1; rows 0-1 (input rows 0-2) when s == 1.
+        rows = 2 if s > 1 else 3
+        top = self.tail_exact(x[:, :, :rows])[:, :, :1]
+        bottom = self.tail_exact(x[:, :, -rows:])[:, :, -1:]
+        left = self.tail_exact(x[:, :, :, :rows])[:, :, 1:-1, :1]
+        right = self.tail_exact(x[:, :, :, -rows:])[:, :, 1:-1, -1:]
+        middle = torch.cat((left, fast[:, :, 1:-1, 1:-1], right), dim=3)
+        return torch.cat((top, middle, bottom), dim=2)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        shallow = self.head(image)
+        deep = shallow
+        for group in self.groups:
+            start = deep
+            for block in group:
+                deep = block(deep, self.numerics)
+            deep = deep.add_(start)  # the last block returned a tensor of its own
+        return self.tail(self.fuse(deep, shallow)).contiguous()
+
+
+@torch.no_grad()
+def optimize_for_inference(
+    model: ParagonSR, channels_last: bool = True, numerics: Numerics = EAGER
+) -> OptimizedParagonSR:
+    """A standalone inference-only copy of ``model`` (either form) with every fold applied, on
+    ``model``'s device and dtype. ``numerics=GRAPH`` gives the form to trace or export."""
+    return OptimizedParagonSR(model, channels_last=channels_last, numerics=numerics)
+
+
+def _tracing() -> bool:
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return torch.jit.is_tracing() or (compiling is not None and compiling())
+
+
+class OptimizedCall:
+    """The call function of ParagonSR's spandrel descriptors (``ImageModelDescriptor(call_fn=)``):
+    every host that upscales through the descriptor (ComfyUI's stock node, chaiNNer's PyTorch
+    node, this package) runs the optimized network, built from the model's current weights.
+
+    It holds that network and a snapshot of the weights it was folded from (together about
+    twice the weights' memory: 6 MB for s, 90 MB for xl in fp32). Before each call the model's
+    weights are compared with the snapshot, so moving the model or editing a weight in place,
+    inside ``torch.inference_mode()`` too, rebuilds the network instead of returning a stale
+    result. Gradients do not flow through it: train ``descriptor.model``.
+
+    Traced or compiled calls (``torch.onnx.export``, ``torch.jit.trace``, ``torch.compile`` of
+    the descriptor, as chaiNNer's Convert To ONNX does) run ``model(image)``, the plain network,
+    so the graph is the original architecture and valid at every size. ``paragonsr export``
+    writes the faster folded graph.
+    """
+
+    def __init__(self) -> None:
+        self._network: OptimizedParagonSR | None = None
+        self._snapshot: torch.Tensor | None = None
+
+    def __call__(self, model: ParagonSR, image: torch.Tensor) -> torch.Tensor:
+        if _tracing():
+            return model(image)
+        return self.network(model)(image)
+
+    def network(self, model: ParagonSR) -> OptimizedParagonSR:
+        """The optimized network for ``model``'s current weights, device and dtype."""
+        with torch.no_grad():
+            weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            snapshot = self._snapshot
+            if (
+                self._network is None
+                or snapshot is None
+                or snapshot.dtype != weights.dtype
+                or snapshot.device != weights.device
+                or not torch.equal(snapshot, weights)
+            ):
+                self._network = self._snapshot = None  # free the stale copy before building
+                self._network = optimize_for_inference(model)
+                self._snapshot = weights
+        return self._network
