@@ -5,7 +5,9 @@
 
 Rows per model: the original's deployed forms (training form in eval, re-fusing every forward;
 release form), this package's plain release-form forward, and the inference-optimized network in
-NCHW and channels_last (and torch.compiled with --compile). Timings are medians of interleaved
+NCHW and channels_last (and torch.compiled with --compile, whose first call, the compilation,
+shows in the "1st call s" column), and with --baseline the optimized network of this package at
+another git revision. Timings are medians of interleaved
 repeats, so the ratios in one table come from the same stretch of machine time. Weights are
 seeded random with LayerScale 0.05-0.4, as trained models have.
 """
@@ -68,9 +70,12 @@ def measure(
     rows = candidates(variant, scale, compile_, baseline)
     times: dict[str, list[float]] = {label: [] for label, *_ in rows}
     with torch.inference_mode():
-        for _label, _, run, reference in rows:  # warm-up (and compilation)
+        first_call: dict[str, float] = {}
+        for label, _, run, reference in rows:  # warm-up (and compilation)
             with reference_style() if reference else _nothing():
+                start = time.perf_counter()
                 run(image)
+                first_call[label] = time.perf_counter() - start
         for _ in range(repeats):
             for label, _, run, reference in rows:
                 with reference_style() if reference else _nothing():
@@ -90,6 +95,7 @@ def measure(
                 "vs_optimized": seconds / best,
                 "macs_per_px": macs,
                 "gflops": 2 * macs * size * size / seconds / 1e9,
+                "first_call_s": first_call[label],
             }
         )
     return results
@@ -134,15 +140,15 @@ def main() -> None:
     )
     print(
         f"| {'model':<8} | {'path':<32} | {'ms':>8} | {'x optimized':>11} | "
-        f"{'MACs/px':>9} | {'GFLOP/s':>7} |"
+        f"{'MACs/px':>9} | {'GFLOP/s':>7} | {'1st call s':>10} |"
     )
-    print(f"|{'-' * 10}|{'-' * 34}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 9}|")
+    print(f"|{'-' * 10}|{'-' * 34}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 9}|{'-' * 12}|")
     for model in args.models.split(","):
         for row in measure(model, args.size, args.repeats, args.compile, args.baseline):
             print(
                 f"| {row['model']:<8} | {row['path']:<32} | {row['ms']:>8.1f} | "
                 f"{row['vs_optimized']:>11.2f} | {row['macs_per_px']:>9,} | "
-                f"{row['gflops']:>7.1f} |",
+                f"{row['gflops']:>7.1f} | {row['first_call_s']:>10.2f} |",
                 flush=True,
             )
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import seeded_model  # noqa: E402
 
-from paragonsr.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from paragonsr import ExportOptions, export_onnx, optimize_for_inference  # noqa: E402
 
 
 def main() -> None:
@@ -57,8 +57,9 @@ def main() -> None:
                 str(path), options, providers=["CPUExecutionProvider"]
             )
             feed = {"input": image.numpy()}
+            optimized = optimize_for_inference(model)
             runs = {
-                "torch": lambda m=model: m(image),
+                "torch": lambda m=optimized: m(image),
                 "ort": lambda s=session, f=feed: s.run(None, f),
             }
             times: dict[str, list[float]] = {key: [] for key in runs}

@@ -22,6 +22,8 @@ import onnxruntime
 import spandrel
 import torch
 
+from helpers import float64_reference
+
 OPSETS = (14, 15, 16, 17)
 
 
@@ -115,3 +117,15 @@ def largest_difference(
         worst_plain = max(worst_plain, float(np.abs(actual - plain).max()))
         worst_served = max(worst_served, float(np.abs(actual - served).max()))
     return worst_plain, worst_served
+
+
+def float32_rounding(model) -> float:
+    """How far the float32 plain forward falls from float64 on chaiNNer's verification images,
+    in the [0, 1] range the descriptor returns."""
+    worst = 0.0
+    for image in verification_images(model.config.in_chans):
+        with torch.no_grad():
+            actual = model(image).clamp(0, 1).double()
+        expected = float64_reference(model, image).clamp(0, 1)
+        worst = max(worst, (actual - expected).abs().max().item())
+    return worst

@@ -86,3 +86,12 @@ def exact_streamed(net: OptimizedParagonSR, image: torch.Tensor, tile: int) -> t
 
     ExactStreamer(net, tile, Progress())(image, store)
     return output
+
+
+def chainner_python() -> str:
+    """The interpreter of .venv-chainner (onnx 1.16.0, onnxruntime 1.17.1, numpy<2), which
+    scripts/setup.sh creates."""
+    path = os.environ.get("PARAGONSR_CHAINNER_PYTHON", str(REPO / ".venv-chainner/bin/python"))
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing: run scripts/setup.sh to create .venv-chainner")
+    return path

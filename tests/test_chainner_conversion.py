@@ -4,6 +4,7 @@ on ParagonSR checkpoints of both forms, at every opset chaiNNer offers."""
 from __future__ import annotations
 
 import io
+import subprocess
 import warnings
 
 import numpy as np
@@ -14,13 +15,13 @@ import torch
 from chainner import (
     OPSETS,
     convert_to_onnx,
+    float32_rounding,
     largest_difference,
     load_model,
     scale_by_shape_inference,
-    verification_images,
 )
 
-from helpers import REFERENCE, float64_reference, randomized_model, seeded_image
+from helpers import REFERENCE, chainner_python, randomized_model, seeded_image
 from paragonsr import config_for_variant, fuse_for_release
 
 
@@ -31,18 +32,6 @@ def assert_verified(plain: float, served: float, rounding: float = 0.0) -> None:
     network)."""
     assert plain < max(1e-4, 4 * rounding), (plain, rounding)
     assert served < 1e-3
-
-
-def float32_rounding(model) -> float:
-    """How far the float32 plain forward falls from float64 on chaiNNer's verification images,
-    in the [0, 1] range the descriptor returns."""
-    worst = 0.0
-    for image in verification_images(model.config.in_chans):
-        with torch.no_grad():
-            actual = model(image).clamp(0, 1).double()
-        expected = float64_reference(model, image).clamp(0, 1)
-        worst = max(worst, (actual - expected).abs().max().item())
-    return worst
 
 
 CHECKPOINTS = [
@@ -119,3 +108,24 @@ def test_exporting_the_module_itself_in_every_grad_mode(grad: str) -> None:
         expected = model(image).numpy()
     actual = session.run(None, {"input": image.numpy()})[0]
     assert np.abs(actual - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_chainners_pinned_runtime_runs_its_conversion(tmp_path, opset: int) -> None:
+    """chaiNNer runs the converted file in its own onnxruntime 1.17.1 (with onnx 1.16.0)."""
+    descriptor = load_model(REFERENCE / "tiny_x4.train.safetensors")
+    path = tmp_path / "converted.onnx"
+    path.write_bytes(convert_to_onnx(descriptor, opset))
+    image = seeded_image(3, 20, 16)
+    np.save(tmp_path / "input.npy", image.numpy())
+    script = (
+        "import numpy, onnxruntime\n"
+        f"session = onnxruntime.InferenceSession({str(path)!r}, "
+        "providers=['CPUExecutionProvider'])\n"
+        f"output = session.run(None, {{'input': numpy.load({str(tmp_path / 'input.npy')!r})}})[0]\n"
+        f"numpy.save({str(tmp_path / 'output.npy')!r}, output)\n"
+    )
+    subprocess.run([chainner_python(), "-c", script], check=True)
+    with torch.inference_mode():
+        expected = descriptor.model(image).clamp(0, 1).numpy()
+    assert np.abs(np.load(tmp_path / "output.npy") - expected).max() < 1e-4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
 import textwrap
 
@@ -14,22 +13,13 @@ import onnx
 import pytest
 import torch
 
-from helpers import REFERENCE, REPO, randomized_model, seeded_image
+from helpers import REFERENCE, chainner_python, float64_reference, randomized_model, seeded_image
 from paragonsr import config_for_variant
 from paragonsr.cli import main
 from paragonsr.onnx_export import ExportError, ExportOptions, export_onnx
 
 TINY = REFERENCE / "tiny_x4.params_ema.pth"
 NANO = REFERENCE / "nano_x2.fused.safetensors"
-
-
-def chainner_python() -> str:
-    """The interpreter of .venv-chainner (onnx 1.16.0, onnxruntime 1.17.1, numpy<2), which
-    scripts/setup.sh creates."""
-    path = os.environ.get("PARAGONSR_CHAINNER_PYTHON", str(REPO / ".venv-chainner/bin/python"))
-    if not os.path.exists(path):
-        raise RuntimeError(f"{path} is missing: run scripts/setup.sh to create .venv-chainner")
-    return path
 
 
 @pytest.mark.parametrize(
@@ -167,3 +157,23 @@ def test_missing_onnx_names_the_packages(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", without_onnxruntime)
     with pytest.raises(ExportError, match="pip install onnx onnxscript onnxruntime"):
         export_onnx(NANO, tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize(("variant", "scale"), [("nano", 1), ("tiny", 2), ("xs", 3), ("s", 4)])
+def test_seeded_variants_in_onnxruntime_land_on_float64(tmp_path, variant, scale) -> None:
+    """The exported graph (built from the same passes as every other path) in onnxruntime,
+    against the float64 plain forward: within 1e-4, or 4x the float32 plain forward's own
+    rounding where deep random networks reach outputs in the hundreds. m, l and xl take
+    minutes to export and are left to bench/bench_onnx.py."""
+    import onnxruntime
+
+    model = randomized_model(config_for_variant(variant, scale))
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = seeded_image(3, 13, 10)
+    expected = float64_reference(model, image)
+    with torch.no_grad():
+        rounding = (model(image).double() - expected).abs().max().item()
+    actual = torch.from_numpy(session.run(None, {"input": image.numpy()})[0]).double()
+    assert (actual - expected).abs().max().item() < max(1e-4, 4 * rounding)
