@@ -119,6 +119,20 @@ def largest_difference(
     return worst_plain, worst_served
 
 
+def chainner_verifies(data: bytes, descriptor: spandrel.ImageModelDescriptor) -> bool:
+    """chaiNNer's own "Verify" option of Convert To ONNX: a random 16x16 image through the
+    descriptor and through onnxruntime, compared with numpy's allclose at rtol 1e-2, atol 1e-3."""
+    image = torch.rand(
+        1, descriptor.input_channels, 16, 16, generator=torch.Generator().manual_seed(2)
+    )
+    with torch.inference_mode():
+        expected = descriptor(image).numpy()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    actual = session.run(None, {name: image.numpy()})[0]
+    return bool(np.allclose(actual, expected, rtol=0.01, atol=0.001))
+
+
 def float32_rounding(model) -> float:
     """How far the float32 plain forward falls from float64 on chaiNNer's verification images,
     in the [0, 1] range the descriptor returns."""

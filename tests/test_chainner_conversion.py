@@ -26,6 +26,7 @@ from paragonsr import config_for_variant, fuse_for_release
 
 
 def assert_verified(plain: float, served: float, rounding: float = 0.0) -> None:
+    # Stricter than chaiNNer's own "Verify" (tests/chainner.py: chainner_verifies).
     """Within 1e-4 of the exported network (or, for seeded deep networks whose outputs reach
     the hundreds, 4x torch's own float32 rounding of it), and within chaiNNer's own
     verification tolerance (atol 1e-3) of what its PyTorch node returns (the optimized
