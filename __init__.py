@@ -19,8 +19,30 @@ if _PACK_DIR not in sys.path:
 
 import paragonsr  # noqa: E402,F401  (registers the architecture with spandrel)
 
+REQUIRED_COMFYUI = "0.3.47"  # the V3 node API: comfy_api.latest and comfy_entrypoint
+
 
 async def comfy_entrypoint():
     from paragonsr_nodes import extension
 
-    return extension()
+    return extension(_PACK_DIR)
+
+
+def _warn_if_comfyui_lacks_the_v3_api() -> None:
+    """Inside a ComfyUI older than REQUIRED_COMFYUI, say so in one log line: such a ComfyUI
+    never calls comfy_entrypoint and would otherwise only report the pack as failed."""
+    if "folder_paths" not in sys.modules:  # not inside ComfyUI
+        return
+    try:
+        import comfy_api.latest  # noqa: F401
+    except ImportError:
+        import logging
+
+        logging.getLogger("paragonsr").error(
+            "ParagonSR needs ComfyUI %s or newer (the V3 node API, comfy_api.latest); this "
+            "ComfyUI lacks it, so the ParagonSR nodes are not loaded. Update ComfyUI.",
+            REQUIRED_COMFYUI,
+        )
+
+
+_warn_if_comfyui_lacks_the_v3_api()

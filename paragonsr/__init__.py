@@ -36,7 +36,28 @@ from .onnx_export import ExportOptions, export_onnx
 from .spandrel_arch import ARCH_ID, ParagonSRArch, load_descriptor, register
 from .upscale import UpscaleSettings, upscale
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The version pyproject.toml declares: read from it where the package sits in its source
+    folder (a ComfyUI custom_nodes copy, a clone), else from the installed distribution."""
+    import re
+    from importlib import metadata
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        text = pyproject.read_text(encoding="utf-8")
+        if re.search(r'^name = "paragonsr"$', text, re.MULTILINE):
+            found = re.search(r'^version = "([^"]+)"$', text, re.MULTILINE)
+            if found:
+                return found.group(1)
+    try:
+        return metadata.version("paragonsr")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()
 
 register()
 

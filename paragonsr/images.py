@@ -19,6 +19,10 @@ import torch
 from .errors import ParagonSRError
 from .files import atomic_write
 
+DATA = Path(__file__).resolve().parent / "data"
+SAMPLE_IMAGE = DATA / "chelsea_160x120.png"  # CC0, see data/README.md
+SAMPLE_DATASET = DATA  # two small CC0/public-domain photos: enough to try the trainer
+
 SUFFIXES = {
     ".png": "PNG",
     ".jpg": "JPEG",
@@ -136,8 +140,19 @@ def _to_array(image) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def _pypng(path: Path):
+    """pypng, which reads and writes 16-bit colour PNGs (Pillow drops them to 8 bits)."""
+    try:
+        import png
+    except ImportError:
+        raise ImageError(
+            path, "16-bit PNG needs the pypng package, which is not installed", "pip install pypng"
+        ) from None
+    return png
+
+
 def _read_png16(path: Path, max_pixels: int | None) -> LoadedImage:
-    import png
+    png = _pypng(path)
 
     reader = png.Reader(filename=str(path))
     width, height, rows, info = reader.asDirect()
@@ -165,6 +180,8 @@ def write_image(
     channels = pixels.shape[0]
     array = pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     sixteen = bits == 16 and (fmt == "PNG" or (fmt == "TIFF" and channels == 1))
+    if sixteen and fmt == "PNG" and channels > 1:
+        _pypng(path)
     try:
         with atomic_write(path) as temporary:
             _encode(temporary, array, fmt, channels, sixteen)
@@ -177,7 +194,7 @@ def _encode(temporary: Path, array: np.ndarray, fmt: str, channels: int, sixteen
     from PIL import Image
 
     if sixteen and fmt == "PNG" and channels > 1:
-        import png
+        import png  # write_image checked it is there
 
         values = np.rint(array * 65535).astype(np.uint16)
         writer = png.Writer(

@@ -449,9 +449,11 @@ class OptimizedCall:
 
     It holds that network and a snapshot of the weights it was folded from (together about
     twice the weights' memory: 6 MB for s, 90 MB for xl in fp32). Before each call the model's
-    weights are compared with the snapshot, so moving the model or editing a weight in place,
-    inside ``torch.inference_mode()`` too, rebuilds the network instead of returning a stale
-    result. Gradients do not flow through it: train ``descriptor.model``.
+    weights are compared with the snapshot, so editing a weight in place, inside
+    ``torch.inference_mode()`` too, rebuilds the network instead of returning a stale result.
+    Moving or converting the model drops both at once (``ParagonSR.call_after_move``): when a
+    host offloads the model, nothing of this copy stays on the device. :meth:`release` drops
+    them on request. Gradients do not flow through it: train ``descriptor.model``.
 
     Traced or compiled calls (``torch.onnx.export``, ``torch.jit.trace``, ``torch.compile`` of
     the descriptor, as chaiNNer's Convert To ONNX does) run ``model(image)``, the plain network,
@@ -480,7 +482,12 @@ class OptimizedCall:
                 or snapshot.device != weights.device
                 or not torch.equal(snapshot, weights)
             ):
-                self._network = self._snapshot = None  # free the stale copy before building
+                self.release()  # free the stale copy before building the new one
                 self._network = optimize_for_inference(model)
                 self._snapshot = weights
+                model.call_after_move(self.release)
         return self._network
+
+    def release(self) -> None:
+        """Drop the optimized network and the snapshot; the next call builds them again."""
+        self._network = self._snapshot = None

@@ -14,6 +14,7 @@ is a separate, explicit copy: :func:`paragonsr.inference.optimize_for_inference`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -304,6 +305,7 @@ class ParagonSR(nn.Module):
             nn.Conv2d(nf, nf * config.scale**2, 3, padding=1), nn.PixelShuffle(config.scale)
         )
         self.conv_out = nn.Conv2d(nf, config.out_chans, 3, padding=1)
+        self._move_listeners: list[Callable[[], None]] = []
 
     @property
     def scale(self) -> int:
@@ -315,6 +317,19 @@ class ParagonSR(nn.Module):
 
     def spatial_mixers(self) -> list[ReparamDepthwise3x3]:
         return [m for m in self.modules() if isinstance(m, ReparamDepthwise3x3)]
+
+    def call_after_move(self, listener: Callable[[], None]) -> None:
+        """Have ``listener()`` called whenever this module is moved or converted (``.to``,
+        ``.cpu``, ``.cuda``, ``.float``...): an optimized copy made from it (the spandrel
+        descriptor's) is dropped there, so no device memory outlives the model's own move."""
+        if listener not in self._move_listeners:
+            self._move_listeners.append(listener)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        for listener in self._move_listeners:
+            listener()
+        return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shallow = self.conv_in(x)

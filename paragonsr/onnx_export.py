@@ -25,7 +25,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,18 +41,25 @@ from .inference import Numerics, OptimizedParagonSR, optimize_for_inference
 from .network import ParagonSR, not_a_plain_network, variant_name
 
 OPSETS = range(14, 21)  # chaiNNer's onnxruntime 1.17 stops at 20
-SAMPLE_IMAGE = Path(__file__).resolve().parent / "data" / "chelsea_160x120.png"
 FP32_TOLERANCE = 1e-4
 
 
 def _require_onnx() -> tuple[Any, Any]:
+    """onnx, to write the graph, and whichever onnxruntime build is installed (CPU, -gpu,
+    -directml: all import as onnxruntime and all run on the CPU provider), to verify it. An
+    export is never kept unverified, so both are needed; neither is a run-time dependency."""
     try:
         import onnx
-        import onnxruntime
-    except ImportError as error:
+    except ImportError:
         raise ExportError(
-            f"ONNX export needs the onnx and onnxruntime packages ({error.name} is missing): "
-            "pip install onnx onnxscript onnxruntime  (or: pip install 'paragonsr[onnx]')"
+            "ONNX export needs the onnx package, which is not installed: pip install onnx"
+        ) from None
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError(
+            "ONNX export verifies every file in onnxruntime, and no onnxruntime is installed: "
+            "pip install onnxruntime (or onnxruntime-gpu / onnxruntime-directml; any one works)"
         ) from None
     return onnx, onnxruntime
 
@@ -154,7 +161,7 @@ def _source_hash(path: Path | None) -> str:
 
 
 def _natural_image(channels: int) -> torch.Tensor:
-    from .images import read_image
+    from .images import SAMPLE_IMAGE, read_image
 
     rgb = read_image(SAMPLE_IMAGE).pixels
     if channels == 1:
@@ -170,9 +177,12 @@ def export_onnx(
     options: ExportOptions | None = None,
     *,
     overwrite: bool = False,
+    tick: Callable[[int, int], None] | None = None,
 ) -> Verification:
     """Export a ParagonSR checkpoint (or model) to ONNX and verify it; see the module docstring.
-    Raises :class:`ExportError` and leaves no file when anything fails."""
+    Raises :class:`ExportError` and leaves no file when anything fails. ``tick(done, total)`` is
+    called after each of the EXPORT_STEPS steps (load, trace, check, run, shapes)."""
+    step = _stepper(tick)
     options = options or ExportOptions()
     options.validate()
     onnx, onnxruntime = _require_onnx()
@@ -190,6 +200,7 @@ def export_onnx(
         raise ExportError(not_a_plain_network(source, "export_onnx"))
     source_path = None if isinstance(source, ParagonSR) else Path(source)
     model = source if isinstance(source, ParagonSR) else load_model(source)
+    step()
     config = model.config
     dtype = torch.float16 if options.fp16 else torch.float32
     mish_op = options.mish_op and options.opset >= 18
@@ -221,6 +232,7 @@ def export_onnx(
             dynamic_axes={"input": dynamic, "output": dynamic} if dynamic else None,
             do_constant_folding=True,
         )
+    step()
     graph = onnx.load_from_string(buffer.getvalue())
     metadata = {
         "architecture": "ParagonSR",
@@ -240,10 +252,26 @@ def export_onnx(
 
     with atomic_write(output) as temporary:
         temporary.write_bytes(data)
-        report = _verify(onnx, onnxruntime, temporary, graph, model, config, options, io_dtype)
+        report = _verify(
+            onnx, onnxruntime, temporary, graph, model, config, options, io_dtype, step
+        )
     report.path = str(output)
     report.mish = "the Mish operator" if mish_op else "x*tanh(softplus(x)) in Exp/Mul/Div"
     return report
+
+
+EXPORT_STEPS = 5
+
+
+def _stepper(tick: Callable[[int, int], None] | None) -> Callable[[], None]:
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        if tick is not None:
+            tick(done[0], EXPORT_STEPS)
+
+    return step
 
 
 def _version() -> str:
@@ -252,7 +280,7 @@ def _version() -> str:
     return __version__
 
 
-def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dtype):
+def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dtype, step):
     """Run the file in onnxruntime against the source model's own float32 forward."""
     try:
         onnx.checker.check_model(graph, full_check=True)
@@ -288,8 +316,10 @@ def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dty
     natural = _natural_image(config.in_chans)
     if options.static is not None:
         natural = F.interpolate(natural, size=options.static, mode="bilinear", align_corners=False)
+    step()
     random_error, random_bad = compare(random_image)
     natural_error, natural_bad = compare(natural)
+    step()
     # 1e-4, unless the model's own float32 rounding (activations in the thousands) is larger.
     tolerance = max(FP32_TOLERANCE, 2 * rounding[0])
     if not options.fp16 and max(random_error, natural_error) > tolerance:
@@ -305,6 +335,7 @@ def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dty
     if options.fp16 and not math.isfinite(natural_error):
         raise ExportError("the fp16 graph produced unusable output; nothing was written")
     shapes = _strict_shapes(onnx, graph, config, options)
+    step()
     return Verification(
         path=str(path),
         ir_version=graph.ir_version,

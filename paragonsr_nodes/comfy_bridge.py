@@ -15,6 +15,14 @@ import torch
 MODEL_FOLDER = "upscale_models"
 
 
+def register_bundled_models(folder: Path) -> None:
+    """List the pack's own models (the default nano x2) in every upscale-model picker, Load
+    ParagonSR and ComfyUI's stock Load Upscale Model alike, without copying anything into the
+    user's folders. The user's own folder stays first, so files the nodes save go there."""
+    if folder.is_dir():
+        folder_paths.add_model_folder_path(MODEL_FOLDER, str(folder))
+
+
 def model_names() -> list[str]:
     return folder_paths.get_filename_list(MODEL_FOLDER)
 
@@ -33,14 +41,16 @@ def attach_patcher(descriptor):
     return descriptor
 
 
-def load_device(descriptor) -> torch.device:
-    patcher = getattr(descriptor, "patcher", None)
-    return patcher.load_device if patcher is not None else model_management.get_torch_device()
-
-
-def make_room(device: torch.device, bytes_needed: int) -> None:
-    """Ask ComfyUI to unload other models until ``bytes_needed`` are free on ``device``."""
-    model_management.free_memory(bytes_needed, device)
+def load_for_inference(descriptor, working_bytes: int) -> torch.device:
+    """Load the model onto its device through ComfyUI's model management, as the stock upscale
+    node does: ComfyUI offloads other models to make room for it and ``working_bytes`` more,
+    accounts for it, and moves it back when it needs the room. Returns the device."""
+    if getattr(descriptor, "patcher", None) is None:
+        attach_patcher(descriptor)
+    model_management.load_models_gpu(
+        [descriptor.patcher], memory_required=working_bytes, force_full_load=True
+    )
+    return descriptor.patcher.load_device
 
 
 def progress_ticker() -> Callable[[int, int], None]:
@@ -67,6 +77,13 @@ def interrupt_check() -> Callable[[], bool]:
 
 def upscale_models_directory() -> Path:
     return Path(folder_paths.get_folder_paths(MODEL_FOLDER)[0])
+
+
+def show_text(text: str):
+    """What a node returns as ``ui=`` to show ``text`` on itself in the browser."""
+    from comfy_api.latest import ui
+
+    return ui.PreviewText(text)
 
 
 def output_directory() -> Path:

@@ -17,12 +17,15 @@ from paragonsr import (
     upscale,
 )
 from paragonsr.errors import ParagonSRError
+from paragonsr.images import SAMPLE_DATASET, SAMPLE_IMAGE, read_image
+from paragonsr.inference import OptimizedCall
 from paragonsr.network import macs_per_pixel
 from paragonsr.upscale import MODES, PRECISIONS, optimized_network
 
 from . import comfy_bridge
 
 CATEGORY = "image/upscaling/ParagonSR"
+BUNDLED_DATASET = "(bundled sample photos)"
 
 
 def summary(descriptor) -> str:
@@ -69,7 +72,10 @@ class LoadParagonSR(io.ComfyNode):
         if optimize:
             with torch.inference_mode():
                 optimized_network(descriptor)
-        return io.NodeOutput(comfy_bridge.attach_patcher(descriptor), summary(descriptor))
+        text = summary(descriptor)
+        return io.NodeOutput(
+            comfy_bridge.attach_patcher(descriptor), text, ui=comfy_bridge.show_text(text)
+        )
 
 
 class UpscaleParagonSR(io.ComfyNode):
@@ -144,7 +150,10 @@ class UpscaleParagonSR(io.ComfyNode):
                 f"Upscale Image (ParagonSR) takes RGB or RGBA images; this IMAGE has shape "
                 f"{tuple(image.shape)}"
             )
-        device = comfy_bridge.load_device(upscale_model)
+        parameters = sum(p.numel() * p.element_size() for p in upscale_model.model.parameters())
+        # The optimized copy (about the weights' size again) and room for tiles: the tile size
+        # is then picked from what is free.
+        device = comfy_bridge.load_for_inference(upscale_model, 2 * parameters + (256 << 20))
         settings = UpscaleSettings(
             tile=tile or None,
             mode=None if mode == "auto" else mode,
@@ -153,17 +162,27 @@ class UpscaleParagonSR(io.ComfyNode):
             alpha=alpha,
             device=device,
         )
-        parameters = sum(p.numel() * p.element_size() for p in upscale_model.model.parameters())
-        comfy_bridge.make_room(device, parameters * 4 + (256 << 20))
         frames = image.movedim(-1, 1)
-        result = upscale(
-            upscale_model,
-            frames,
-            settings,
-            tick=comfy_bridge.progress_ticker(),
-            cancelled=comfy_bridge.interrupt_check(),
-        )
+        try:
+            result = upscale(
+                upscale_model,
+                frames,
+                settings,
+                tick=comfy_bridge.progress_ticker(),
+                cancelled=comfy_bridge.interrupt_check(),
+            )
+        finally:
+            # ComfyUI accounts for the model it loaded, not for our optimized copy of it: that
+            # copy leaves the device with the node, whatever ComfyUI does with the model later.
+            release_optimized(upscale_model)
         return io.NodeOutput(result.movedim(1, -1))
+
+
+def release_optimized(descriptor) -> None:
+    """Drop the optimized copy a ParagonSR descriptor holds (it is rebuilt on the next call)."""
+    call = getattr(descriptor, "_call_fn", None)  # spandrel keeps call_fn there
+    if isinstance(call, OptimizedCall):
+        call.release()
 
 
 def paragonsr_model(descriptor) -> ParagonSR:
@@ -221,7 +240,10 @@ class FuseParagonSR(io.ComfyNode):
                 metadata={"architecture": "ParagonSR", "form": "fused"},
             )
             note += f", saved as {path.name}"
-        return io.NodeOutput(comfy_bridge.attach_patcher(fused), f"{summary(fused)} ({note})")
+        text = f"{summary(fused)} ({note})"
+        return io.NodeOutput(
+            comfy_bridge.attach_patcher(fused), text, ui=comfy_bridge.show_text(text)
+        )
 
 
 class ExportParagonSRONNX(io.ComfyNode):
@@ -277,8 +299,11 @@ class ExportParagonSRONNX(io.ComfyNode):
         )
         path = comfy_bridge.numbered(comfy_bridge.output_directory(), filename_prefix, ".onnx")
         with torch.inference_mode(False):
-            report = export_onnx(independent_copy(model).model, path, options)
-        return io.NodeOutput(str(path), "\n".join(report.lines()))
+            report = export_onnx(
+                independent_copy(model).model, path, options, tick=comfy_bridge.progress_ticker()
+            )
+        text = "\n".join(report.lines())
+        return io.NodeOutput(str(path), text, ui=comfy_bridge.show_text(text))
 
 
 class TrainParagonSR(io.ComfyNode):
@@ -295,9 +320,10 @@ class TrainParagonSR(io.ComfyNode):
             inputs=[
                 io.String.Input(
                     "dataset",
-                    default="paragonsr_dataset",
-                    tooltip="Folder of HR images: inside ComfyUI's input folder, "
-                    "or an absolute path.",
+                    default=BUNDLED_DATASET,
+                    tooltip="Folder of HR images: inside ComfyUI's input folder, an absolute "
+                    f"path, or {BUNDLED_DATASET} (the two small photos that ship with the pack, "
+                    "enough to try training).",
                 ),
                 io.Combo.Input(
                     "variant",
@@ -356,7 +382,11 @@ class TrainParagonSR(io.ComfyNode):
     ):
         from paragonsr.train import TrainConfig, train
 
-        data = comfy_bridge.dataset_directory(dataset)
+        data = (
+            SAMPLE_DATASET
+            if dataset == BUNDLED_DATASET
+            else comfy_bridge.dataset_directory(dataset)
+        )
         run = comfy_bridge.numbered(
             comfy_bridge.output_directory() / "paragonsr_runs", model_name, ""
         )
@@ -401,7 +431,35 @@ class TrainParagonSR(io.ComfyNode):
             "training images)"
             for r in result.validation
         ]
-        return io.NodeOutput(comfy_bridge.attach_patcher(descriptor), "\n".join(lines))
+        text = "\n".join(lines)
+        return io.NodeOutput(
+            comfy_bridge.attach_patcher(descriptor), text, ui=comfy_bridge.show_text(text)
+        )
 
 
-NODES = [LoadParagonSR, FuseParagonSR, UpscaleParagonSR, ExportParagonSRONNX, TrainParagonSR]
+class ParagonSRSampleImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParagonSRSampleImage",
+            display_name="ParagonSR Sample Image",
+            category=CATEGORY,
+            description="The small CC0 photo that ships with the pack (160x120), so the example "
+            "workflows run on a fresh install; use Load Image for your own pictures.",
+            inputs=[],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(read_image(SAMPLE_IMAGE).pixels.movedim(1, -1))
+
+
+NODES = [
+    LoadParagonSR,
+    FuseParagonSR,
+    UpscaleParagonSR,
+    ExportParagonSRONNX,
+    TrainParagonSR,
+    ParagonSRSampleImage,
+]

@@ -161,7 +161,7 @@ def shipped_model_gain() -> tuple[float, float]:
     """PSNR gain over bicubic of the bundled default model on a held-out crop, and the
     recorded value."""
     record = json.loads((REPO / "models" / "paragonsr_nano_x2.json").read_text())
-    hr = read_image(REPO / "tests" / "data" / "astronaut_192.png").pixels
+    hr = read_image(REPO / "paragonsr" / "data" / "astronaut_192.png").pixels
     lr = downscale(hr, 2)
     model = load_model(REPO / "models" / "paragonsr_nano_x2.safetensors")
     with torch.inference_mode():
@@ -177,7 +177,7 @@ def test_the_shipped_model_beats_bicubic_as_recorded() -> None:
 
 def test_untrained_weights_do_not_pass_the_shipped_model_check(tmp_path) -> None:
     """The check above can fail: a fresh network is far below bicubic on the same crop."""
-    hr = read_image(REPO / "tests" / "data" / "astronaut_192.png").pixels
+    hr = read_image(REPO / "paragonsr" / "data" / "astronaut_192.png").pixels
     lr = downscale(hr, 2)
     fresh = fuse_for_release(build_model("nano", 2).eval())
     save_checkpoint(fresh, tmp_path / "fresh.safetensors")

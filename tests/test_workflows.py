@@ -35,7 +35,23 @@ def test_our_node_ids() -> None:
         "ParagonSRUpscale",
         "ParagonSRExportONNX",
         "ParagonSRTrain",
+        "ParagonSRSampleImage",
     } == OUR_NODES
+
+
+@pytest.mark.parametrize("path", API_COPIES, ids=[p.stem for p in API_COPIES])
+def test_workflows_need_nothing_a_fresh_install_lacks(path) -> None:
+    """A fresh ComfyUI (new base directory, the pack copied in) has empty input and model
+    folders: the examples read only what the pack ships."""
+    bundled_models = {p.name for p in (REPO / "models").glob("*.safetensors")}
+    for node in json.loads(path.read_text()).values():
+        inputs = node["inputs"]
+        assert node["class_type"] != "LoadImage", "use ParagonSRSampleImage"
+        if node["class_type"] in ("ParagonSRLoader", "UpscaleModelLoader"):
+            assert inputs["model_name"] in bundled_models
+        if node["class_type"] == "ParagonSRTrain":
+            assert inputs["dataset"] == "(bundled sample photos)"
+            assert inputs["init_model"] in {"none", *bundled_models}
 
 
 @pytest.mark.parametrize("path", API_COPIES, ids=[p.stem for p in API_COPIES])

@@ -66,27 +66,38 @@ class Comfy:
         return sorted((self.root / "output").glob(f"{prefix}_*"))
 
 
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under ``root``: what a test must leave as it found it."""
+    return {
+        str(path): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file() and not path.is_symlink()
+    }
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
+    """A ComfyUI server over its own base directory (models, input, output, user, custom_nodes
+    with the pack linked in): the ComfyUI checkout and the repository stay as they were."""
     root = Path(COMFYUI)
     python = os.environ.get("COMFYUI_PYTHON", "python3")
-    link = root / "custom_nodes" / "paragonsr"
-    if link.is_symlink() or not link.exists():
-        link.unlink(missing_ok=True)
-        link.symlink_to(REPO)
-    models = root / "models" / "upscale_models"
-    shutil.copy(MODEL, models / MODEL.name)
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "paragonsr").symlink_to(REPO)
+    # What a fresh install has: nothing. The bundled model and the sample image come from the
+    # pack; these extra inputs are only for the tests below.
+    models = base / "models" / "upscale_models"
+    models.mkdir(parents=True)
     shutil.copy(REFERENCE / "tiny_x4.params_ema.pth", models / "tiny_x4.params_ema.pth")
-    shutil.copy(SAMPLE, root / "input" / SAMPLE.name)
-    Image.open(SAMPLE).resize((960, 720), Image.BICUBIC).save(root / "input" / "big.png")
+    inputs = base / "input"
+    inputs.mkdir()
+    Image.open(SAMPLE).resize((960, 720), Image.BICUBIC).save(inputs / "big.png")
     rgba = np.asarray(Image.open(SAMPLE).convert("RGBA")).copy()
     rgba[..., 3] = np.linspace(0, 255, rgba.shape[1], dtype=np.uint8)[None, :]
-    Image.fromarray(rgba).save(root / "input" / "rgba.png")
-    dataset = root / "input" / "paragonsr_dataset"
-    dataset.mkdir(exist_ok=True)
-    shutil.copy(SAMPLE, dataset / SAMPLE.name)
-    for old in (root / "output").glob("e2e_*"):
-        old.unlink()
+    Image.fromarray(rgba).save(inputs / "rgba.png")
+    untouched = {
+        folder: tree_state(folder) for folder in (root, REPO / "paragonsr", REPO / "models")
+    }
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -102,12 +113,16 @@ def comfy(tmp_path_factory):
                 "--port",
                 str(port),
                 "--disable-auto-launch",
+                "--base-directory",
+                str(base),
             ],
             cwd=root,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # No bytecode caches in the ComfyUI checkout or in the repository.
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
         )
-        client = Comfy(root, port)
+        client = Comfy(base, port)
         for _ in range(120):
             try:
                 client.request("/system_stats")
@@ -118,6 +133,14 @@ def comfy(tmp_path_factory):
         server.terminate()
         server.wait(30)
     assert "IMPORT FAILED" not in log_path.read_text()
+    for folder, state in untouched.items():
+        assert tree_state(folder) == state, f"the tests changed {folder}"
+
+
+def with_image(graph: dict, name: str) -> dict:
+    """The workflow reading ``name`` from the input folder instead of the bundled sample."""
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    return graph
 
 
 def workflow(name: str, prefix: str, **changes) -> dict:
@@ -133,6 +156,14 @@ def workflow(name: str, prefix: str, **changes) -> dict:
 
 def saved(comfy: Comfy, prefix: str) -> list[np.ndarray]:
     return [np.asarray(Image.open(path)) for path in comfy.outputs(prefix)]
+
+
+def test_the_bundled_model_is_listed_without_copying_it(comfy) -> None:
+    for node in ("ParagonSRLoader", "UpscaleModelLoader"):
+        info = comfy.request(f"/object_info/{node}")[node]["input"]["required"]["model_name"]
+        options = info[0] if isinstance(info[0], list) else info[1]["options"]
+        assert "paragonsr_nano_x2.safetensors" in options, node
+    assert not (comfy.root / "models" / "upscale_models" / MODEL.name).exists()
 
 
 def test_upscale_equals_the_cli_within_one_level(comfy) -> None:
@@ -158,8 +189,9 @@ def test_interrupt_in_the_middle_of_an_upscale(comfy) -> None:
     graph = workflow(
         "paragonsr_upscale_api.json",
         "e2e_interrupted",
-        **{"1.image": "big.png", "2.model_name": "tiny_x4.params_ema.pth", "3.tile": 64},
+        **{"2.model_name": "tiny_x4.params_ema.pth", "3.tile": 64},
     )
+    with_image(graph, "big.png")
     result = comfy.run(graph, interrupt_after=1.5)
     messages = [m[0] for m in result["status"]["messages"]]
     assert "execution_interrupted" in messages
@@ -167,7 +199,7 @@ def test_interrupt_in_the_middle_of_an_upscale(comfy) -> None:
 
 
 def test_rgba_and_a_batch_of_eight(comfy) -> None:
-    graph = workflow("paragonsr_upscale_api.json", "e2e_rgba", **{"1.image": "rgba.png"})
+    graph = with_image(workflow("paragonsr_upscale_api.json", "e2e_rgba"), "rgba.png")
     graph["5"] = {
         "class_type": "JoinImageWithAlpha",
         "inputs": {"image": ["1", 0], "alpha": ["1", 1]},
@@ -189,21 +221,20 @@ def test_rgba_and_a_batch_of_eight(comfy) -> None:
 
 def test_fuse_export_and_train_write_their_files(comfy) -> None:
     models = comfy.root / "models" / "upscale_models"
-    before = set(models.glob("tiny_x4_fused_*.safetensors"))
-    assert (
-        comfy.run(workflow("fuse_and_save_api.json", "e2e_fused"))["status"]["status_str"]
-        == "success"
-    )
-    assert len(set(models.glob("tiny_x4_fused_*.safetensors")) - before) == 1
-    assert (
-        comfy.run(workflow("export_onnx_api.json", "e2e_onnx"))["status"]["status_str"] == "success"
-    )
-    assert list((comfy.root / "output").glob("paragonsr_nano_x2_*.onnx"))
-    assert (
-        comfy.run(workflow("train_then_upscale_api.json", "e2e_trained"))["status"]["status_str"]
-        == "success"
-    )
+    result = comfy.run(workflow("fuse_and_save_api.json", "e2e_fused"))
+    assert result["status"]["status_str"] == "success"
+    assert len(list(models.glob("paragonsr_nano_x2_fused_*.safetensors"))) == 1
+    summary = result["outputs"]["2"]["text"][0]  # shown on the node in the browser
+    assert summary.startswith("ParagonSR fused") and "saved as paragonsr_nano_x2_fused_" in summary
+    result = comfy.run(workflow("export_onnx_api.json", "e2e_onnx"))
+    assert result["status"]["status_str"] == "success"
+    [onnx_file] = (comfy.root / "output").glob("paragonsr_nano_x2_*.onnx")
+    report = result["outputs"]["2"]["text"][0]
+    assert report.startswith(f"wrote {onnx_file}") and "onnx.checker: passed" in report
+    result = comfy.run(workflow("train_then_upscale_api.json", "e2e_trained"))
+    assert result["status"]["status_str"] == "success"
     assert saved(comfy, "e2e_trained")[0].shape == (240, 320, 3)
+    assert "PSNR" in result["outputs"]["1"]["text"][0]
 
 
 def test_bad_input_is_a_node_error(comfy) -> None:
