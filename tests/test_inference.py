@@ -180,3 +180,16 @@ def test_one_atomic_write_helper() -> None:
         if re.search(r"os\.replace\(|\.rename\(", path.read_text())
     ]
     assert writers == ["files.py"]
+
+
+def test_moving_the_model_drops_the_optimized_copy() -> None:
+    """When a host offloads the model (ComfyUI moves it to the CPU), the optimized copy built
+    on the device must not stay there unaccounted for."""
+    descriptor = load_descriptor(REFERENCE / "nano_x2.train.safetensors")
+    image = seeded_image(3, 12, 12)
+    with torch.inference_mode():
+        expected = descriptor(image)
+        assert descriptor._call_fn._network is not None
+        descriptor.model.to("cpu")  # any move or conversion goes through Module._apply
+        assert descriptor._call_fn._network is None
+        assert torch.equal(descriptor(image), expected)  # rebuilt on the next call
