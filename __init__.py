@@ -19,6 +19,9 @@ if _PACK_DIR not in sys.path:
 
 import paragonsr  # noqa: E402,F401  (registers the architecture with spandrel)
 
+# The browser extension that shows each node's report text on the node.
+WEB_DIRECTORY = "./web/js"
+
 REQUIRED_COMFYUI = "0.3.47"  # the V3 node API: comfy_api.latest and comfy_entrypoint
 
 

@@ -98,3 +98,15 @@ def test_ui_workflows_match_their_api_copies(api_name: str) -> None:
                 slot = next(s for s in ui_node["inputs"] if s["name"] == name)
                 link = next(link for link in ui["links"] if link[0] == slot["link"])
                 assert (link[1], link[2], link[3]) == (ids[value[0]], value[1], ids[key])
+
+
+def test_the_browser_extension_that_shows_node_text_is_served() -> None:
+    """ComfyUI serves the folder the entry module names in WEB_DIRECTORY; the script there
+    shows the text our nodes return (ui.PreviewText) on the node."""
+    entry = (REPO / "__init__.py").read_text()
+    folder = re.search(r'^WEB_DIRECTORY = "([^"]+)"$', entry, re.MULTILINE).group(1)
+    script = (REPO / folder / "paragonsr_node_text.js").read_text()
+    assert 'nodeData.name.startsWith("ParagonSR")' in script and "message?.text" in script
+    for node in ("LoadParagonSR", "FuseParagonSR", "ExportParagonSRONNX", "TrainParagonSR"):
+        body = NODES_SOURCE.split(f"class {node}(")[1].split("\nclass ")[0]
+        assert "ui=comfy_bridge.show_text(" in body, node
