@@ -183,6 +183,8 @@ def export_onnx(
     Raises :class:`ExportError` and leaves no file when anything fails. ``tick(done, total)`` is
     called after each of the EXPORT_STEPS steps (load, trace, check, run, shapes)."""
     step = _stepper(tick)
+    if isinstance(source, torch.nn.Module) and not isinstance(source, ParagonSR):
+        raise ExportError(not_a_plain_network(source, "export_onnx"))
     options = options or ExportOptions()
     options.validate()
     onnx, onnxruntime = _require_onnx()
@@ -196,8 +198,6 @@ def export_onnx(
     if not os.access(output.parent, os.W_OK):
         raise ExportError(f"{output}: the output folder is not writable")
 
-    if isinstance(source, torch.nn.Module) and not isinstance(source, ParagonSR):
-        raise ExportError(not_a_plain_network(source, "export_onnx"))
     source_path = None if isinstance(source, ParagonSR) else Path(source)
     model = source if isinstance(source, ParagonSR) else load_model(source)
     step()

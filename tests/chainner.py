@@ -17,12 +17,13 @@ import io
 import warnings
 
 import numpy as np
-import onnx
-import onnxruntime
 import spandrel
 import torch
 
-from helpers import float64_reference
+from helpers import ONNX_INSTALL, float64_reference, require
+
+onnx = require("onnx", ONNX_INSTALL)
+onnxruntime = require("onnxruntime", ONNX_INSTALL)
 
 OPSETS = (14, 15, 16, 17)
 

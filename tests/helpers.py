@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 import paragonsr  # noqa: F401  (registers ParagonSR with spandrel)
@@ -18,19 +19,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def reference_dir() -> Path:
-    """The original implementation's checkpoints and outputs (shared/fixtures/reference)."""
-    candidates = [
-        Path(os.environ["PARAGONSR_REFERENCE"]) if "PARAGONSR_REFERENCE" in os.environ else None,
-        REPO.parent / "shared" / "fixtures" / "reference",
-        REPO / "shared" / "fixtures" / "reference",
-    ]
-    for candidate in candidates:
-        if candidate is not None and (candidate / "manifest.json").is_file():
-            return candidate
-    raise RuntimeError(
-        "reference fixtures not found: expected ../shared/fixtures/reference beside the "
-        "repository, or set PARAGONSR_REFERENCE to that folder"
-    )
+    """The original implementation's checkpoints and outputs: tests/fixtures/reference in the
+    repository (see its README.md), or the folder named by PARAGONSR_REFERENCE."""
+    if "PARAGONSR_REFERENCE" in os.environ:
+        candidate = Path(os.environ["PARAGONSR_REFERENCE"])
+        if not (candidate / "manifest.json").is_file():
+            raise RuntimeError(f"PARAGONSR_REFERENCE={candidate} holds no manifest.json")
+        return candidate
+    candidate = REPO / "tests" / "fixtures" / "reference"
+    if not (candidate / "manifest.json").is_file():
+        raise RuntimeError(
+            f"reference fixtures not found: {candidate} holds no manifest.json (they are part of "
+            "the repository: restore them with git, or set PARAGONSR_REFERENCE to such a folder)"
+        )
+    return candidate
 
 
 REFERENCE = reference_dir()
@@ -90,8 +92,20 @@ def exact_streamed(net: OptimizedParagonSR, image: torch.Tensor, tile: int) -> t
 
 def chainner_python() -> str:
     """The interpreter of .venv-chainner (onnx 1.16.0, onnxruntime 1.17.1, numpy<2), which
-    scripts/setup.sh creates."""
+    scripts/setup.sh creates; the calling test is skipped where it is missing."""
     path = os.environ.get("PARAGONSR_CHAINNER_PYTHON", str(REPO / ".venv-chainner/bin/python"))
     if not os.path.exists(path):
-        raise RuntimeError(f"{path} is missing: run scripts/setup.sh to create .venv-chainner")
+        __tracebackhide__ = True  # report the skip at the caller
+        pytest.skip(f"{path} is missing: run scripts/setup.sh to create .venv-chainner")
     return path
+
+
+def require(module: str, install: str):
+    """``module`` imported, or the calling test (or, at module level, the module) skipped with
+    the command that installs it."""
+    __tracebackhide__ = True  # report the skip at the caller
+    return pytest.importorskip(module, reason=f"{module} is not installed: {install}")
+
+
+ONNX_INSTALL = "pip install 'paragonsr[onnx]' (or: pip install onnx onnxscript onnxruntime)"
+PYPNG_INSTALL = "pip install pypng (the png module, for 16-bit PNG)"

@@ -8,7 +8,6 @@ import subprocess
 import warnings
 
 import numpy as np
-import onnxruntime
 import pytest
 import spandrel
 import torch
@@ -21,8 +20,17 @@ from chainner import (
     scale_by_shape_inference,
 )
 
-from helpers import REFERENCE, chainner_python, randomized_model, seeded_image
+from helpers import (
+    ONNX_INSTALL,
+    REFERENCE,
+    chainner_python,
+    randomized_model,
+    require,
+    seeded_image,
+)
 from paragonsr import config_for_variant, fuse_for_release
+
+onnxruntime = require("onnxruntime", ONNX_INSTALL)
 
 
 def assert_verified(plain: float, served: float, rounding: float = 0.0) -> None:

@@ -7,12 +7,11 @@ import io
 import os
 
 import numpy as np
-import png
 import pytest
 import torch
 from PIL import Image
 
-from helpers import REFERENCE, randomized_model
+from helpers import PYPNG_INSTALL, REFERENCE, randomized_model, require
 from paragonsr import config_for_variant, load_descriptor, save_checkpoint
 from paragonsr.cli import main
 from paragonsr.images import read_image
@@ -76,6 +75,7 @@ def test_rgba_and_gray_keep_their_layout(tmp_path) -> None:
 
 
 def test_sixteen_bit_png_stays_sixteen_bit(tmp_path) -> None:
+    png = require("png", PYPNG_INSTALL)
     array = gradient(14, 18)
     values = np.rint(array * 65535).astype(np.uint16)
     with open(tmp_path / "deep.png", "wb") as handle:
