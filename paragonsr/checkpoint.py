@@ -74,12 +74,21 @@ class Inspection:
 
     @property
     def tags(self) -> list[str]:
+        """spandrel descriptor tags: ``["nano", "24nf", "3ng", "2nb", "1.5ffn", "training"]``.
+
+        They follow spandrel's own: a size name first where the family table has one (DAT, SwinIR),
+        then a number with a short unit (ESRGAN's ``"64nf"``, ``"23nb"``; RCAN counts groups and
+        blocks per group apart): features, groups, blocks per group, FFN expansion, kernel sizes
+        and branch ratio where they are not the defaults, and the form last. chaiNNer shows them
+        joined by "x" as the model's size, so no tag holds an "x" of its own.
+        """
         c = self.config
-        tags = [f"{c.num_feat}nf", f"{c.num_groups}x{c.num_blocks}", f"ffn{c.ffn_expansion:g}"]
+        tags = [f"{c.num_feat}nf", f"{c.num_groups}ng", f"{c.num_blocks}nb"]
+        tags.append(f"{c.ffn_expansion:g}ffn")
         if (c.square_kernel_size, c.band_kernel_size) != (3, 11):
-            tags.append(f"k{c.square_kernel_size}b{c.band_kernel_size}")
+            tags += [f"{c.square_kernel_size}ks", f"{c.band_kernel_size}bks"]
         if c.branch_ratio != 0.125:
-            tags.append(f"br{c.branch_ratio:g}")
+            tags.append(f"{c.branch_ratio:g}br")
         tags.append(self.form)
         return ([self.variant] if self.variant else []) + tags
 

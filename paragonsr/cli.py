@@ -414,16 +414,26 @@ def cmd_spandrel_hook(args: argparse.Namespace) -> int:
 
     if args.action == "install":
         folder = spandrel_hook.install(user=args.user)
-        print(
-            f"installed in {folder}: every `import spandrel` in this environment now "
-            "registers ParagonSR"
-        )
+        where = "for this user's Python" if args.user else "in this environment"
+        print(f"installed in {folder}: every `import spandrel` {where} now registers ParagonSR")
     elif args.action == "uninstall":
         removed = spandrel_hook.uninstall(user=args.user)
         print("removed " + ", ".join(str(p) for p in removed) if removed else "not installed")
     else:
-        state = "installed" if spandrel_hook.installed(user=args.user) else "not installed"
-        print(f"{state} ({spandrel_hook.site_folder(args.user)})")
+        folder = spandrel_hook.site_folder(args.user)
+        problem = spandrel_hook.user_site_problem() if args.user else None
+        if not spandrel_hook.installed(user=args.user):
+            print(f"not installed ({folder})")
+        elif problem is not None:
+            print(f"present but inactive ({folder}): {problem}")
+        else:
+            print(f"installed ({folder})")
+            if args.user:
+                print(
+                    "paragonsr: note: programs started with PYTHONNOUSERSITE=1, chaiNNer among "
+                    "them, do not see the user site",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -595,13 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="make `import spandrel` register ParagonSR in this environment",
         description="For tools that use spandrel without importing this pack (chaiNNer, "
         "Forge/A1111, InvokeAI): install a start-up hook into this Python's site-packages "
-        "that registers ParagonSR whenever spandrel is imported.",
+        "that registers ParagonSR whenever spandrel is imported. Run it with the Python of "
+        "that program, after `<that python> -m pip install --no-deps <this pack>`.",
     )
     hook.add_argument("action", choices=("install", "uninstall", "status"))
     hook.add_argument(
         "--user",
         action="store_true",
-        help="the user site instead of the environment's site-packages",
+        help="the user site instead of the environment's site-packages; refused in a virtual "
+        "environment or where the user site is off, and never seen by chaiNNer, which starts "
+        "its Python with PYTHONNOUSERSITE=1 (install into chaiNNer's own Python instead)",
     )
     hook.set_defaults(handler=cmd_spandrel_hook)
     return parser

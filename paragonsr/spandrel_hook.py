@@ -7,12 +7,19 @@ Python's ``site`` runs at start-up, and the tiny module it imports, which puts a
 spandrel load normally and registers ParagonSR right after. Programs that never import spandrel
 pay one small stdlib import (no torch). If this pack is broken or missing, the hook warns once
 and spandrel still imports as usual.
+
+The hook belongs in the site-packages of the Python that runs the host program. The user site
+(``--user``) is seen only by Pythons outside a virtual environment that start without ``-s`` or
+``PYTHONNOUSERSITE``; chaiNNer always starts its Python with ``PYTHONNOUSERSITE=1``, so for chaiNNer
+the hook (and this pack) must go into chaiNNer's own Python.
 """
 
 from __future__ import annotations
 
 import site
+import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 from .errors import ParagonSRError
@@ -41,6 +48,8 @@ class _RegisterParagonSR:
 
         def exec_module(module):
             original(module)
+            if "paragonsr" in sys.modules:
+                return  # the pack itself is importing spandrel, and registers on its own
             try:
                 from paragonsr.spandrel_arch import register
 
@@ -59,6 +68,36 @@ if "spandrel" not in sys.modules:
 '''
 
 
+CHAINNER_STEPS = (
+    "install into chaiNNer's own Python instead: `<chaiNNer's python> -m pip install --no-deps "
+    "<this pack>`, then `<that python> -m paragonsr spandrel-hook install`"
+)
+
+
+class UserSiteWarning(UserWarning):
+    """The hook went into the user site, which some programs (chaiNNer among them) never see."""
+
+
+def user_site_problem() -> str | None:
+    """Why the user site cannot take effect for this Python, or None where it can."""
+    if sys.prefix != sys.base_prefix:
+        # A venv hides the user site unless it includes the system site-packages, and even then
+        # the user site is shared with Pythons that do not have this pack: the hook belongs in
+        # the environment itself.
+        return (
+            f"this Python runs in a virtual environment ({sys.prefix}), which is served by its "
+            "own site-packages: drop --user"
+        )
+    if site.ENABLE_USER_SITE is None:
+        return (
+            "this Python has the user site turned off for security (its user and effective "
+            "user differ)"
+        )
+    if not site.ENABLE_USER_SITE:
+        return "this Python has the user site turned off (-s or PYTHONNOUSERSITE)"
+    return None
+
+
 def site_folder(user: bool = False) -> Path:
     return Path(site.getusersitepackages() if user else sysconfig.get_paths()["purelib"])
 
@@ -68,7 +107,20 @@ def _files(folder: Path) -> tuple[Path, Path]:
 
 
 def install(user: bool = False) -> Path:
+    """Write the hook into this Python's site-packages (or its user site); return the folder.
+
+    ``user=True`` is refused, with nothing written, where the user site cannot take effect for
+    this Python, and otherwise warns (``UserSiteWarning``) that programs started with
+    ``PYTHONNOUSERSITE=1``, chaiNNer among them, still will not see the hook.
+    """
     folder = site_folder(user)
+    if user:
+        problem = user_site_problem()
+        if problem is not None:
+            raise ParagonSRError(
+                f"{folder}: not installed, because the user site would never take effect: "
+                f"{problem}. For chaiNNer, {CHAINNER_STEPS}"
+            )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         pth, module = _files(folder)
@@ -77,9 +129,17 @@ def install(user: bool = False) -> Path:
                 temporary.write_text(text)
     except OSError as error:
         raise ParagonSRError(
-            f"{folder}: cannot install the hook ({error.strerror}); try "
-            "--user or run as the environment's owner"
+            f"{folder}: cannot install the hook ({error.strerror}). Run this command as the "
+            "account that owns this Python environment, with the Python of the program that "
+            f"should load ParagonSR; for chaiNNer, {CHAINNER_STEPS}"
         ) from None
+    if user:
+        warnings.warn(
+            f"programs started with PYTHONNOUSERSITE=1 never see the user site ({folder}), and "
+            f"chaiNNer starts its Python that way; for chaiNNer, {CHAINNER_STEPS}",
+            UserSiteWarning,
+            stacklevel=2,
+        )
     return folder
 
 
@@ -93,4 +153,6 @@ def uninstall(user: bool = False) -> list[Path]:
 
 
 def installed(user: bool = False) -> bool:
+    """Whether the hook's files are present (in the user site with ``user=True``); whether they
+    take effect there is ``user_site_problem()``'s question."""
     return all(path.exists() for path in _files(site_folder(user)))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import onnxruntime
 import pytest
 import spandrel
 import torch
 from safetensors.torch import load_file
 
-from helpers import MANIFEST, REFERENCE, exact_streamed
+from helpers import MANIFEST, ONNX_INSTALL, REFERENCE, exact_streamed, randomized_model, require
 from paragonsr import (
     export_onnx,
     fuse_for_release,
@@ -18,6 +17,7 @@ from paragonsr import (
     optimize_for_inference,
     save_checkpoint,
 )
+from paragonsr.network import ParagonSRConfig
 
 TOLERANCE = 1e-4
 FILES = [
@@ -81,6 +81,8 @@ def test_spandrel_loads_without_hints_and_reproduces_expected(
 def test_every_path_matches_float64_ground_truth(
     case: str, suffix: str, form: str, tmp_path
 ) -> None:
+    require("onnx", ONNX_INSTALL)
+    onnxruntime = require("onnxruntime", ONNX_INSTALL)
     io = reference_io(case)
     image = io["input"]
     model = load_model(REFERENCE / f"{case}.{suffix}")
@@ -136,4 +138,23 @@ def test_load_descriptor_matches_spandrel() -> None:
     theirs = spandrel.ModelLoader().load_from_file(path)
     image = reference_io("nano_x2")["input"]
     assert torch.equal(ours(image), theirs(image))
-    assert ours.tags == theirs.tags == ["nano", "24nf", "3x2", "ffn1.5", "training"]
+    assert ours.tags == theirs.tags == ["nano", "24nf", "3ng", "2nb", "1.5ffn", "training"]
+
+
+def test_tags_read_well_joined_by_x() -> None:
+    """chaiNNer shows a model's size as its tags joined by "x": no tag may hold an "x"."""
+    config = ParagonSRConfig(
+        scale=3,
+        num_feat=40,
+        num_groups=2,
+        num_blocks=3,
+        ffn_expansion=2.5,
+        square_kernel_size=5,
+        band_kernel_size=7,
+        branch_ratio=0.25,
+    )
+    model = randomized_model(config, fused=True)
+    tags = spandrel.ModelLoader().load_from_state_dict(model.state_dict()).tags
+    assert "x".join(tags) == "40nfx2ngx3nbx2.5ffnx5ksx7bksx0.25brxfused"
+    fused = load_descriptor(REFERENCE / "tiny_x4.fused.safetensors").tags
+    assert "x".join(fused) == "tinyx32nfx3ngx2nbx2ffnxfused"

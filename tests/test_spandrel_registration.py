@@ -62,7 +62,7 @@ def test_descriptor_metadata() -> None:
     assert descriptor.purpose == "Restoration"
     assert descriptor.scale == 1
     assert descriptor.input_channels == descriptor.output_channels == 1
-    assert descriptor.tags == ["xs", "48nf", "4x4", "ffn2", "training"]
+    assert descriptor.tags == ["xs", "48nf", "4ng", "4nb", "2ffn", "training"]
     assert descriptor.supports_half is False
     assert descriptor.supports_bfloat16 is False
     assert descriptor.tiling == ModelTiling.DISCOURAGED
