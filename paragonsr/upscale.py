@@ -78,13 +78,23 @@ def as_descriptor(model: ImageModelDescriptor | ParagonSR) -> ImageModelDescript
     raise TypeError(f"expected a spandrel ImageModelDescriptor or ParagonSR, got {type(model)}")
 
 
+def descriptor_call(descriptor: ImageModelDescriptor) -> OptimizedCall | None:
+    """The OptimizedCall a ParagonSR descriptor of ours runs, or None for any other."""
+    call = getattr(descriptor, "_call_fn", None)  # spandrel keeps call_fn there
+    return call if isinstance(call, OptimizedCall) else None
+
+
 def optimized_network(descriptor: ImageModelDescriptor) -> OptimizedParagonSR:
     """The optimized network a ParagonSR descriptor runs: the one its call function holds (built
     once, shared with every other caller of the descriptor), or a new one."""
-    call = getattr(descriptor, "_call_fn", None)  # spandrel keeps call_fn there
-    if not isinstance(call, OptimizedCall):
-        call = OptimizedCall()
-    return call.network(descriptor.model)
+    return (descriptor_call(descriptor) or OptimizedCall()).network(descriptor.model)
+
+
+def release_optimized(descriptor: ImageModelDescriptor) -> None:
+    """Drop the optimized copy a ParagonSR descriptor holds (rebuilt on its next call)."""
+    call = descriptor_call(descriptor)
+    if call is not None:
+        call.release()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -18,9 +18,8 @@ from paragonsr import (
 )
 from paragonsr.errors import ParagonSRError
 from paragonsr.images import SAMPLE_DATASET, SAMPLE_IMAGE, read_image
-from paragonsr.inference import OptimizedCall
 from paragonsr.network import macs_per_pixel
-from paragonsr.upscale import MODES, PRECISIONS, optimized_network
+from paragonsr.upscale import MODES, PRECISIONS, optimized_network, release_optimized
 
 from . import comfy_bridge
 
@@ -176,13 +175,6 @@ class UpscaleParagonSR(io.ComfyNode):
             # copy leaves the device with the node, whatever ComfyUI does with the model later.
             release_optimized(upscale_model)
         return io.NodeOutput(result.movedim(1, -1))
-
-
-def release_optimized(descriptor) -> None:
-    """Drop the optimized copy a ParagonSR descriptor holds (it is rebuilt on the next call)."""
-    call = getattr(descriptor, "_call_fn", None)  # spandrel keeps call_fn there
-    if isinstance(call, OptimizedCall):
-        call.release()
 
 
 def paragonsr_model(descriptor) -> ParagonSR:
