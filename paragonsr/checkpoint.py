@@ -168,10 +168,20 @@ def _read_pickle(path: Path) -> Any:
 
 
 def _unpickler_detail(message: str) -> str:
-    """The one informative line of torch's long weights-only refusal."""
-    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", message, re.DOTALL)
-    detail = (match.group(1) if match else message).strip().splitlines()[0]
-    return detail.split(" was not an allowed global")[0]
+    """The one informative line of torch's long weights-only refusal: what the pickle asked for.
+    torch's own advice in that text, to retry with weights_only=False, is exactly what would run
+    a hostile file, so it is never passed on. (torch words the refusal differently by version.)"""
+    lines = [line.strip() for line in message.splitlines()]
+    lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines]
+    found = next((line for line in lines if "GLOBAL" in line), None)
+    if found is None:
+        found = next(
+            (line for line in lines if line and "weights_only" not in line.replace(" ", "_")),
+            "",
+        )
+        if found.startswith(("Weights only load failed", "Check the documentation")):
+            found = ""
+    return found.split(" was not an allowed global")[0] or "refused by the weights-only unpickler"
 
 
 def canonical_state_dict(raw: Any) -> StateDict:

@@ -90,6 +90,29 @@ def test_pickle_with_foreign_globals_is_refused_and_never_runs(tmp_path, suffix:
     assert not marker.exists()
 
 
+class _ShellPayload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_blocked_module_is_refused_without_torchs_retry_advice(tmp_path) -> None:
+    """torch 2.14 words this refusal differently (no "WeightsUnpickler error:"), around advice
+    to retry with weights_only=False: the message must name the refusal, never that advice."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "shell.pth"
+    torch.save({"params": reference_state(), "extra": _ShellPayload(str(marker))}, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert "refused" in message and "arbitrary code" in message and "GLOBAL" in message
+    assert "weights_only" not in message and "will likely succeed" not in message
+    assert "\n" not in message
+    assert not marker.exists()
+
+
 def test_raw_pickle_protocol_with_global_is_refused(tmp_path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "raw.pth"
