@@ -20,7 +20,14 @@ import torch
 
 from .errors import CheckpointError, UnsupportedVariantError
 from .files import atomic_write
-from .network import ParagonSR, ParagonSRConfig, not_a_plain_network, ratio_for, variant_name
+from .network import (
+    ParagonBlock,
+    ParagonSR,
+    ParagonSRConfig,
+    not_a_plain_network,
+    ratio_for,
+    variant_name,
+)
 
 StateDict = dict[str, torch.Tensor]
 Source: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any]"
@@ -364,6 +371,7 @@ def inspect_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Inspection:
         config.validate()
     except ValueError as error:
         raise CheckpointError(None, str(error), "The checkpoint is damaged") from None
+    _check_depth(state_dict, config, form)
     _check_keys(state_dict, expected_shapes(config, form))
 
     non_finite = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
@@ -394,6 +402,25 @@ def _check_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, t
             None,
             f"unexpected key {unexpected[0]!r} ({len(unexpected)} in all)",
             "The checkpoint mixes ParagonSR with another network",
+        )
+
+
+def _check_depth(
+    state_dict: Mapping[str, torch.Tensor], config: ParagonSRConfig, form: str
+) -> None:
+    """Refuse a depth the tensors cannot hold before building anything: the depth comes from the
+    highest index in the key names, so one stray key such as ``body.200000.x`` would otherwise
+    make the meta-device twin hundreds of thousands of groups deep (hours, tens of GB). Within
+    what the tensors can hold, the key-by-key check names what is missing or extra."""
+    with torch.device("meta"):
+        per_block = len(ParagonBlock(config, fused=form == "fused").state_dict())
+    blocks = config.num_groups * config.num_blocks
+    if blocks * per_block > len(state_dict):
+        raise CheckpointError(
+            None,
+            f"its key names claim {config.num_groups} groups of {config.num_blocks} blocks "
+            f"({blocks * per_block:,} block tensors), but it holds {len(state_dict):,} tensors",
+            "The checkpoint is damaged or mixes two networks",
         )
 
 

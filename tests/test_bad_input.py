@@ -7,6 +7,7 @@ import pickle
 import warnings
 
 import pytest
+import spandrel
 import torch
 from safetensors.torch import save_file
 
@@ -240,3 +241,18 @@ def test_half_precision_checkpoints_load_as_float32(tmp_path) -> None:
     loaded = load_model(path)
     assert next(loaded.parameters()).dtype == torch.float32
     assert torch.equal(loaded.conv_in.weight, model.conv_in.weight.half().float())
+
+
+@pytest.mark.parametrize("key", ["body.200000.x", "body.0.blocks.90000.x"])
+def test_a_stray_key_cannot_claim_an_absurd_depth(tmp_path, key: str) -> None:
+    """One 1-element tensor named for group 200000 (or block 90000) used to make detection build
+    a twin that deep: hours and tens of GB. The depth is checked against the tensor count first,
+    through the CLI's loader and spandrel's alike."""
+    state = reference_state()
+    state[key] = torch.zeros(1)
+    path = tmp_path / "deep.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"claim .* but it holds \d+ tensors"):
+        inspect_checkpoint(path)
+    with pytest.raises(CheckpointError, match="claim"):
+        spandrel.ModelLoader().load_from_file(path)
