@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -330,7 +331,7 @@ def _static_size(text: str) -> tuple[int, int]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
-    from .train.loop import MODEL_FILE
+    from .train.loop import MODEL_FILE, STATE_FILE
 
     config = TrainConfig(
         data=args.data,
@@ -365,16 +366,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(config)
         return 0
     bar = _TrainBar(config.iters)
-    try:
-        result = train(config, progress=bar.update)
-    except KeyboardInterrupt:
-        bar.close()
+    with StopRequests() as stop:
+        try:
+            result = train(config, progress=bar.update, cancelled=stop.requested)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last periodic save
+            bar.close()
+            print(
+                "paragonsr: interrupted twice; rerun with --resume to continue from the last "
+                "periodic save",
+                file=sys.stderr,
+            )
+            return 130
+    bar.close()
+    if result.cancelled:
         print(
-            "paragonsr: interrupted; rerun with --resume to continue from the last save",
+            f"paragonsr: stopped by {stop.signal_name} at iteration {result.iteration}; the "
+            f"state is saved in {Path(args.out) / STATE_FILE}: rerun the same command with "
+            "--resume to continue",
             file=sys.stderr,
         )
         return 130
-    bar.close()
     for row in result.validation:
         print(
             f"iteration {row['iteration']:>6}: PSNR {row['psnr']:.2f} dB, bicubic "
@@ -385,6 +396,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{Path(args.out) / MODEL_FILE}"
     )
     return 0
+
+
+class StopRequests:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only ask the work to stop at its next safe point
+    (``requested()``), so a training run saves a resumable state on the way out instead of
+    dying mid-step; a second signal stops at once, as usual."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signal_name = ""
+        self._previous: dict[int, object] = {}
+
+    def requested(self) -> bool:
+        return bool(self.signal_name)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.signal_name:  # the second request: the default behaviour
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+
+    def __enter__(self) -> StopRequests:
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 class _TrainBar:

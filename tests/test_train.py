@@ -244,3 +244,41 @@ def test_non_finite_losses_skip_steps_then_abort(tmp_path, monkeypatch) -> None:
     with pytest.raises(TrainingError, match="5 non-finite losses in a row at iteration 0"):
         train(quick_config(tmp_path, iters=10))
     assert (tmp_path / "run" / "resume_state.pt").exists()  # saved before stopping
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_state_that_resume_continues(tmp_path, signal_name: str) -> None:
+    """Ctrl-C (or a SIGTERM from a scheduler) in the middle of `paragonsr train`, long before the
+    first periodic save: the step in flight finishes, a resumable state is written, the exit is
+    130, and --resume continues from that iteration (issue 13: it used to save nothing)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_images(tmp_path / "data", count=2, size=48)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "paragonsr", "train", "--data", str(data), "--out", str(out),
+        "--variant", "nano", "--scale", "2", "--batch", "2", "--lq-size", "16",
+        "--save-every", "100000", "--val-every", "100000", "--threads", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        [*command, "--iters", "100000"], stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    time.sleep(8)  # import, data, a few steps
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    state = torch.load(out / "resume_state.pt", weights_only=True)
+    stopped = state["iteration"]
+    assert f"stopped by {signal_name} at iteration {stopped}" in stderr and "--resume" in stderr
+    finished = subprocess.run(
+        [*command, "--iters", str(stopped + 3), "--resume"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert f"trained {stopped + 3} iterations" in finished.stdout
