@@ -272,14 +272,24 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         Path(args.output).mkdir(exist_ok=True)
     bar = _Bar(len(pairs))
     started, pixels = time.perf_counter(), 0
+    failures: list[str] = []
     try:
         for source, target in pairs:
-            image = read_image(source, settings.max_pixels)
+            # One bad file must not stop a folder: it is reported, the others are written.
             try:
-                result = upscale(descriptor, image.pixels, settings, tick=bar.tiles)
+                image = read_image(source, settings.max_pixels)
+                try:
+                    result = upscale(descriptor, image.pixels, settings, tick=bar.tiles)
+                except ParagonSRError as error:
+                    raise ParagonSRError(f"{source}: {error}") from None
+                write_image(target, result, image.bits, overwrite=True)
             except ParagonSRError as error:
-                raise ParagonSRError(f"{source}: {error}") from None
-            write_image(target, result, image.bits, overwrite=True)
+                if not Path(args.input).is_dir():
+                    raise  # one file: its error is the answer
+                failures.append(str(error))
+                print(f"paragonsr: skipped {error}", file=sys.stderr)
+                bar.next_image()
+                continue
             pixels += result.shape[-1] * result.shape[-2]
             bar.next_image()
     finally:
@@ -290,12 +300,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     )
     rank_note = f"rank {world.rank}/{world.world}: " if world.distributed else ""
     skipped = f", {len(done)} already done" if done else ""
+    failed = f", {len(failures)} failed" if failures else ""
     print(
-        f"{rank_note}upscaled {len(pairs)} image(s){skipped} x{descriptor.scale} with "
-        f"{descriptor.architecture.name} ({mode} mode) in {elapsed:.1f} s: "
-        f"{pixels / 1e6 / elapsed:.2f} output megapixels/s"
+        f"{rank_note}upscaled {len(pairs) - len(failures)} image(s){skipped}{failed} "
+        f"x{descriptor.scale} with {descriptor.architecture.name} ({mode} mode) in "
+        f"{elapsed:.1f} s: {pixels / 1e6 / elapsed:.2f} output megapixels/s"
     )
-    return 0
+    return EXIT_ERROR if failures else 0
 
 
 def _tile_size(text: str) -> int:

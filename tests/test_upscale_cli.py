@@ -245,3 +245,23 @@ def test_not_a_model(tmp_path) -> None:
         "junk.pth",
         "not a model that spandrel or this pack recognizes",
     )
+
+
+def test_a_folder_continues_past_bad_files(tmp_path) -> None:
+    """A folder of good, text, truncated and good files: every good one is written, each bad
+    one is reported with its reason, the summary counts both, the exit status says something
+    failed (issue 13: the first bad file stopped the job, at the same file on every rerun)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save8(folder / "a_good.png", gradient(12, 10))
+    (folder / "b_text.png").write_text("not an image")
+    good = folder / "d_good.png"
+    save8(good, gradient(10, 14))
+    (folder / "c_truncated.png").write_bytes(good.read_bytes()[:60])
+    out = tmp_path / "out"
+    code, stdout, stderr = run("upscale", str(folder), str(out), "--model", NANO)
+    assert code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a_good.png", "d_good.png"]
+    assert "b_text.png" in stderr and "c_truncated.png" in stderr
+    assert stderr.count("paragonsr: skipped ") == 2 and "Traceback" not in stderr
+    assert "upscaled 2 image(s), 2 failed" in stdout
