@@ -22,6 +22,9 @@ from .files import atomic_write
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE_IMAGE = DATA / "chelsea_160x120.png"  # CC0, see data/README.md
 SAMPLE_DATASET = DATA  # two small CC0/public-domain photos: enough to try the trainer
+# The one pixel limit for every image read (upscale inputs, training and validation data);
+# --max-pixels raises it. 8000x8000: about 0.8 GB as float32 RGB.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 SUFFIXES = {
     ".png": "PNG",
@@ -68,8 +71,11 @@ def _png_bit_depth(path: Path) -> tuple[int, int] | None:
     return header[24], header[25]
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:
-    """Read an image file; ``max_pixels`` refuses larger images before decoding them."""
+def read_image(
+    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> LoadedImage:
+    """Read an image file; ``max_pixels`` refuses larger images from their header, before
+    decoding them (a 48 KB PNG can declare 20000x20000). ``None`` lifts the limit."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)

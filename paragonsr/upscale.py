@@ -22,6 +22,7 @@ from spandrel import ImageModelDescriptor
 
 from .errors import UpscaleError
 from .exact_tiling import ExactStreamer
+from .images import DEFAULT_MAX_PIXELS
 from .inference import OptimizedCall, OptimizedParagonSR, optimize_for_inference
 from .network import ParagonSR, not_a_plain_network
 from .overlap_tiling import overlap_upscale
@@ -34,7 +35,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALPHA_MODES = ("bilinear", "model")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-DEFAULT_MAX_PIXELS = 64_000_000  # input pixels; a 8000x8000 image
 
 
 @dataclass(frozen=True)

@@ -282,3 +282,33 @@ def test_a_signal_saves_a_state_that_resume_continues(tmp_path, signal_name: str
     )
     assert finished.returncode == 0, finished.stderr
     assert f"trained {stopped + 3} iterations" in finished.stdout
+
+
+def declared_giant_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A PNG header declaring width x height RGB over a few bytes of data: what a decompression
+    bomb looks like before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_a_decompression_bomb_in_the_data_is_refused_from_its_header(tmp_path, caplog) -> None:
+    """Training and validation images go through the same pixel limit as upscaling: an image
+    declaring 400 megapixels is skipped as too large (not decoded: that took 7.9 GB)."""
+    folder = make_images(tmp_path / "hr", count=2)
+    declared_giant_png(folder / "bomb.png")
+    result = train(quick_config(tmp_path, iters=2, data=str(folder), val=str(folder)))
+    assert result.iteration == 2
+    assert "bomb.png" in caplog.text and "20000x20000" in caplog.text

@@ -219,7 +219,13 @@ def load_validation(folder: Path, scale: int, channels: int) -> list[tuple[str, 
     """Held-out HR images, cropped to a multiple of the scale."""
     images = []
     for path in list_images(folder):
-        hr = to_rgb(read_image(path).pixels, channels)
+        try:
+            hr = to_rgb(read_image(path).pixels, channels)
+        except ImageError as error:  # as for training images: reported, not fatal
+            log.warning("skipped for validation: %s", error)
+            continue
         height, width = hr.shape[-2] // scale * scale, hr.shape[-1] // scale * scale
         images.append((path.name, hr[..., :height, :width].contiguous()))
+    if not images:
+        raise DataError(f"{folder}: no readable validation image (see the warnings above)")
     return images
