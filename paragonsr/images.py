@@ -71,9 +71,7 @@ def _png_bit_depth(path: Path) -> tuple[int, int] | None:
     return header[24], header[25]
 
 
-def read_image(
-    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
-) -> LoadedImage:
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image file; ``max_pixels`` refuses larger images from their header, before
     decoding them (a 48 KB PNG can declare 20000x20000). ``None`` lifts the limit."""
     from PIL import Image, UnidentifiedImageError

@@ -36,7 +36,6 @@ ALPHA_MODES = ("bilinear", "model")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-
 @dataclass(frozen=True)
 class UpscaleSettings:
     """How to upscale. ``tile=None`` picks a size from free memory; ``mode=None`` is exact for
