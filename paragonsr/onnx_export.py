@@ -292,6 +292,7 @@ def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dty
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     rounding = [0.0]
+    model_non_finite = [0]
 
     def compare(image: torch.Tensor) -> tuple[float, int]:
         with torch.no_grad():
@@ -299,6 +300,7 @@ def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dty
             # How far two float32 torch paths of the same weights (plain and optimized) fall
             # apart on this image: no runtime can be held closer than that.
             optimized = optimize_for_inference(model)(image).clamp(0, 1)
+        model_non_finite[0] += int((~torch.isfinite(expected)).sum())
         rounding[0] = max(rounding[0], (optimized - expected).abs().max().item())
         actual = torch.from_numpy(session.run(None, {"input": image.to(io_dtype).numpy()})[0])
         actual = actual.float()
@@ -326,6 +328,18 @@ def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dty
         raise ExportError(
             f"onnxruntime differs from torch by {max(random_error, natural_error):.3g} "
             f"(limit {tolerance:.3g}); nothing was written"
+        )
+    if model_non_finite[0]:
+        raise ExportError(
+            f"the model itself outputs NaN or inf ({model_non_finite[0]} values on the check "
+            "images): its weights hold NaN/inf or its activations overflow, so any export "
+            "would be garbage. Check the checkpoint (paragonsr info warns of such weights); "
+            "nothing was written"
+        )
+    if not options.fp16 and (random_bad or natural_bad):
+        raise ExportError(
+            f"onnxruntime outputs NaN or inf ({random_bad + natural_bad} values) where torch "
+            "does not; nothing was written"
         )
     if options.fp16 and natural_bad:
         raise ExportError(

@@ -187,3 +187,14 @@ def test_seeded_variants_in_onnxruntime_land_on_float64(tmp_path, variant, scale
         rounding = (model(image).double() - expected).abs().max().item()
     actual = torch.from_numpy(session.run(None, {"input": image.numpy()})[0]).double()
     assert (actual - expected).abs().max().item() < max(1e-4, 4 * rounding)
+
+
+def test_a_model_that_outputs_nan_is_not_exported(tmp_path) -> None:
+    """NaN weights made both runtimes output NaN, the comparison skipped every value, and the
+    export 'verified' with max difference 0 (issue 13)."""
+    model = randomized_model(config_for_variant("nano", 2))
+    with torch.no_grad():
+        model.body[0].blocks[0].ls1.gamma[0] = float("nan")
+    with pytest.raises(ExportError, match="the model itself outputs NaN or inf"):
+        export_onnx(model, tmp_path / "nan.onnx")
+    assert list(tmp_path.iterdir()) == []
