@@ -357,7 +357,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         warmup=args.warmup,
         schedule=args.schedule,
-        milestones=tuple(int(m) for m in args.milestones.split(",")) if args.milestones else (),
+        milestones=_milestones(args.milestones),
         loss=args.loss,
         ms_ssim_weight=args.ms_ssim,
         clip=args.clip,
@@ -376,6 +376,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not ranks().is_main:  # under torchrun only rank 0 reports
         train(config)
         return 0
+    config.validate()  # before the progress bar appears
     bar = _TrainBar(config.iters)
     with StopRequests() as stop:
         try:
@@ -407,6 +408,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{Path(args.out) / MODEL_FILE}"
     )
     return 0
+
+
+def _milestones(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ParagonSRError(
+            f"--milestones {text!r}: give iterations separated by commas, e.g. 3000,4500"
+        ) from None
 
 
 class StopRequests:

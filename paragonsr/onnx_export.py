@@ -191,6 +191,8 @@ def export_onnx(
     output = Path(output)
     if output.suffix.lower() != ".onnx":
         raise ExportError(f"{output}: name the output *.onnx")
+    if output.is_dir():
+        raise ExportError(f"{output}: is a folder; name the .onnx file to write")
     if output.exists() and not overwrite:
         raise ExportError(f"{output}: already exists. Pass --overwrite to replace it")
     if not output.parent.is_dir():

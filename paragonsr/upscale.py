@@ -99,7 +99,10 @@ def release_optimized(descriptor: ImageModelDescriptor) -> None:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UpscaleError(f"unknown device {device!r}; use auto, cpu or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UpscaleError("CUDA was requested but is not available; use --device cpu")
     return device

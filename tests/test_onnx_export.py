@@ -198,3 +198,11 @@ def test_a_model_that_outputs_nan_is_not_exported(tmp_path) -> None:
     with pytest.raises(ExportError, match="the model itself outputs NaN or inf"):
         export_onnx(model, tmp_path / "nan.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exporting_onto_a_folder_is_refused(tmp_path) -> None:
+    target = tmp_path / "taken.onnx"
+    target.mkdir()
+    with pytest.raises(ExportError, match="is a folder; name the .onnx file to write"):
+        export_onnx(NANO, target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.onnx"] and target.is_dir()

@@ -312,3 +312,36 @@ def test_a_decompression_bomb_in_the_data_is_refused_from_its_header(tmp_path, c
     result = train(quick_config(tmp_path, iters=2, data=str(folder), val=str(folder)))
     assert result.iteration == 2
     assert "bomb.png" in caplog.text and "20000x20000" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--batch", "0"], "--batch 0: must be at least 1"),
+        (["--lq-size", "0"], "--lq-size 0: must be at least 1"),
+        (["--scale", "0"], "--scale 0: must be at least 1"),
+        (["--scale", "17"], "--scale 17: ParagonSR supports scales 1-16"),
+        (["--threads", "-1"], "--threads -1: must be 0 (all cores) or more"),
+        (["--milestones", "a"], "--milestones 'a': give iterations separated by commas"),
+        (["--val-every", "0"], "--val-every 0: must be at least 1"),
+        (["--save-every", "0"], "--save-every 0: must be at least 1"),
+        (["--iters", "0"], "--iters 0: must be at least 1"),
+        (["--iters", "-5"], "--iters -5: must be at least 1"),
+        (["--lr", "0"], "--lr 0.0: must be positive"),
+    ],
+)
+def test_bad_training_arguments_are_one_line_errors(tmp_path, capsys, arguments, message) -> None:
+    """Refused before anything is read or written: no traceback (a ZeroDivisionError after the
+    first iteration, for --save-every 0), no untrained model written with exit 0 (--iters 0),
+    no empty run folder left behind."""
+    from paragonsr.cli import main
+
+    data = make_images(tmp_path / "hr", count=1)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(out), *arguments])
+    err = capsys.readouterr().err
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("paragonsr: error: ") and message in last
+    assert "Traceback" not in err
+    assert not out.exists()

@@ -265,3 +265,13 @@ def test_a_folder_continues_past_bad_files(tmp_path) -> None:
     assert "b_text.png" in stderr and "c_truncated.png" in stderr
     assert stderr.count("paragonsr: skipped ") == 2 and "Traceback" not in stderr
     assert "upscaled 2 image(s), 2 failed" in stdout
+
+
+def test_an_unknown_device_is_a_one_line_error(tmp_path) -> None:
+    save8(tmp_path / "in.png", gradient(8, 8))
+    assert_fails_cleanly(
+        tmp_path,
+        ["upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", NANO]
+        + ["--device", "banana"],
+        "unknown device 'banana'; use auto, cpu or cuda:N",
+    )

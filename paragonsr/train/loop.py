@@ -64,6 +64,28 @@ class TrainConfig:
     degrade: bool = False
     device: str = "auto"
 
+    def validate(self) -> None:
+        """Refuse settings no run can use, one line each, before anything is read or written."""
+        positive = {
+            "--iters": self.iters,
+            "--batch": self.batch,
+            "--lq-size": self.lq_size,
+            "--scale": self.scale,
+            "--val-every": self.val_every,
+            "--save-every": self.save_every,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise TrainingError(f"{flag} {value}: must be at least 1")
+        if self.scale > 16:
+            raise TrainingError(f"--scale {self.scale}: ParagonSR supports scales 1-16")
+        if self.threads is not None and self.threads < 0:
+            raise TrainingError(f"--threads {self.threads}: must be 0 (all cores) or more")
+        if self.lr is not None and not self.lr > 0:
+            raise TrainingError(f"--lr {self.lr}: must be positive")
+        if any(m < 1 for m in self.milestones):
+            raise TrainingError("--milestones: iterations must be at least 1")
+
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
@@ -159,6 +181,7 @@ def train(
     (iteration, loss, lr, seconds, and psnr/bicubic after validations); ``cancelled()`` is
     checked every iteration, and True saves a resumable state and returns."""
     # --- configuration ---------------------------------------------------------------------
+    config.validate()
     out = Path(config.out)
     # Under torchrun every rank draws the same global batch from the same seeded generator and
     # trains on its slice; DDP averages the gradients, so N ranks take exactly the steps one
