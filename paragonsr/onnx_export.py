@@ -39,6 +39,7 @@ from .errors import ExportError
 from .files import atomic_write
 from .inference import Numerics, OptimizedParagonSR, optimize_for_inference
 from .network import ParagonSR, not_a_plain_network, variant_name
+from .tiles import Progress
 
 OPSETS = range(14, 21)  # chaiNNer's onnxruntime 1.17 stops at 20
 FP32_TOLERANCE = 1e-4
@@ -182,7 +183,7 @@ def export_onnx(
     """Export a ParagonSR checkpoint (or model) to ONNX and verify it; see the module docstring.
     Raises :class:`ExportError` and leaves no file when anything fails. ``tick(done, total)`` is
     called after each of the EXPORT_STEPS steps (load, trace, check, run, shapes)."""
-    step = _stepper(tick)
+    step = Progress(tick, total=EXPORT_STEPS).step
     if isinstance(source, torch.nn.Module) and not isinstance(source, ParagonSR):
         raise ExportError(not_a_plain_network(source, "export_onnx"))
     options = options or ExportOptions()
@@ -263,17 +264,6 @@ def export_onnx(
 
 
 EXPORT_STEPS = 5
-
-
-def _stepper(tick: Callable[[int, int], None] | None) -> Callable[[], None]:
-    done = [0]
-
-    def step() -> None:
-        done[0] += 1
-        if tick is not None:
-            tick(done[0], EXPORT_STEPS)
-
-    return step
 
 
 def _version() -> str:
