@@ -1,6 +1,7 @@
 """Exact tiling against whole-image inference, overlap mode and ComfyUI's stock tiling.
 
     .venv/bin/python bench/bench_tiling.py [--threads 2] [--size 512]
+    .venv/bin/python bench/bench_tiling.py --photo    # 4000x3000, nano x2: the memory rows
 
 Every configuration runs in a fresh child process so that its peak resident memory (VmHWM,
 reset just before the call) belongs to that call alone. Outputs are compared with the
@@ -28,17 +29,17 @@ sys.path.insert(0, str(HERE))
 from common import seeded_model  # noqa: E402
 
 
-def test_image(size: int) -> torch.Tensor:
+def test_image(height: int, width: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    ramp = torch.linspace(0, 1, size)
+    rows, columns = torch.linspace(0, 1, height), torch.linspace(0, 1, width)
     base = torch.stack(
         [
-            ramp[None, :] * ramp[:, None],
-            ramp[None, :].expand(size, size),
-            ramp[:, None].expand(size, size),
+            columns[None, :] * rows[:, None],
+            columns[None, :].expand(height, width),
+            rows[:, None].expand(height, width),
         ]
     )
-    noise = torch.rand(3, size, size, generator=generator) * 0.3
+    noise = torch.rand(3, height, width, generator=generator) * 0.3
     return (base * 0.7 + noise)[None].clamp(0, 1)
 
 
@@ -84,7 +85,8 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     variant, scale = args.model.split(":")
     model = seeded_model(variant, int(scale))
-    image = test_image(args.size)
+    height, width = _size(args.size)
+    image = test_image(height, width)
     optimized = optimize_for_inference(model)
     # What ComfyUI's stock node calls per tile: the descriptor, which runs the optimized network.
     descriptor = ParagonSRArch().load(model.state_dict())
@@ -105,7 +107,8 @@ def child(args: argparse.Namespace) -> None:
             model, image, UpscaleSettings(tile=int(tile), mode=mode, overlap=overlap, device="cpu")
         )
 
-    call()  # warm-up: allocator, oneDNN kernels
+    if not args.no_warmup:
+        call()  # warm-up: allocator, oneDNN kernels
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the peak resident set size
     baseline = _status("VmRSS")
@@ -114,7 +117,14 @@ def child(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
     torch.save(output, args.save)
-    print(json.dumps({"seconds": seconds, "peak_mb": (peak - baseline) / 1024}))
+    report = {"seconds": seconds, "peak_mb": (peak - baseline) / 1024, "hwm_mb": peak / 1024}
+    print(json.dumps(report))
+
+
+def _size(text: str) -> tuple[int, int]:
+    """A size such as 512 (square) or 4000x3000 (width x height), as (height, width)."""
+    width, _, height = str(text).partition("x")
+    return int(height or width), int(width)
 
 
 def _status(field: str) -> int:
@@ -125,7 +135,9 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def run_child(model: str, config: str, size: int, threads: int, folder: str) -> dict:
+def run_child(
+    model: str, config: str, size, threads: int, folder: str, warmup: bool = True
+) -> dict:
     save = os.path.join(folder, f"{model.replace(':', '_')}_{config}.pt")
     result = subprocess.run(
         [
@@ -141,6 +153,7 @@ def run_child(model: str, config: str, size: int, threads: int, folder: str) -> 
             str(threads),
             "--save",
             save,
+            *([] if warmup else ["--no-warmup"]),
         ],
         capture_output=True,
         text=True,
@@ -159,7 +172,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", default="512")
     parser.add_argument("--models", default="tiny:4,s:2")
     parser.add_argument(
         "--comfy-size",
@@ -167,6 +180,13 @@ def main() -> None:
         default=1024,
         help="input size for the ComfyUI comparison (512 tiles need a larger image to tile at all)",
     )
+    parser.add_argument(
+        "--photo",
+        action="store_true",
+        help="only the memory rows: nano x2 on a 4000x3000 input, whole image against exact "
+        "tiling (one run each, no warm-up: the first call is what a user gets)",
+    )
+    parser.add_argument("--no-warmup", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
@@ -179,6 +199,9 @@ def main() -> None:
         f"# CPU, {args.threads} threads, torch {torch.__version__}; peak = resident memory "
         "above the process's level before the call"
     )
+    if args.photo:
+        photo_rows(args)
+        return
     print(
         "| model | input | configuration | s | x whole | peak MB | x whole mem | max abs diff "
         "| PSNR dB |"
@@ -211,6 +234,31 @@ def main() -> None:
                     f"{diff:.2e} | {psnr(report['output'], base['output']):.1f} |",
                     flush=True,
                 )
+
+
+def photo_rows(args: argparse.Namespace) -> None:
+    """Resident memory of exact tiling on a camera-sized photo: the whole-image run against
+    exact mode at two tile sizes, and the output in 8-bit levels."""
+    print(
+        "| model | input | configuration | s | peak MB above start | x whole | peak MB (VmHWM) "
+        "| x whole | max diff (8-bit levels) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        base = None
+        for config in ("whole", "exact@512", "exact@256"):
+            report = run_child("nano:2", config, "4000x3000", args.threads, folder, warmup=False)
+            levels = (report.pop("output") * 255).round_()
+            if base is None:
+                base, base_levels = report, levels
+            difference = int((levels - base_levels).abs().max().item())
+            print(
+                f"| nano x2 | 4000x3000 | {config} | {report['seconds']:.1f} | "
+                f"{report['peak_mb']:.0f} | {report['peak_mb'] / base['peak_mb']:.2f} | "
+                f"{report['hwm_mb']:.0f} | {report['hwm_mb'] / base['hwm_mb']:.2f} | "
+                f"{difference} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -102,6 +102,14 @@ class Moments:
         self.squares = squares if self.squares is None else self.squares + squares
         self.count += values[0].numel()
 
+    def merge(self, other: Moments) -> None:
+        """Add the values ``other`` gathered (one band's, once the band is known to be done)."""
+        if other.total is None or other.squares is None:
+            return
+        self.total = other.total if self.total is None else self.total + other.total
+        self.squares = other.squares if self.squares is None else self.squares + other.squares
+        self.count += other.count
+
     def normalizer(
         self, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

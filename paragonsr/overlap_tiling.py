@@ -17,11 +17,11 @@ import torch
 
 from .tiles import (
     MIN_TILE,
-    OUT_OF_MEMORY,
     Progress,
     Tile,
     crop,
     grid,
+    is_out_of_memory,
     region_of,
     release_cached_memory,
     with_halo,
@@ -83,7 +83,9 @@ def overlap_upscale(
         region = with_halo(tile, blend + margin, height, width)
         try:
             result = crop(run(region_of(image, region)), kept, region, scale).float().cpu()
-        except OUT_OF_MEMORY:
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
             side = max(tile.bottom - tile.top, tile.right - tile.left)
             if side <= MIN_TILE:
                 raise

@@ -16,7 +16,7 @@ MIN_TILE = 32
 
 
 def _out_of_memory_types() -> tuple[type[BaseException], ...]:
-    kinds: list[type[BaseException]] = []
+    kinds: list[type[BaseException]] = [MemoryError]
     for owner, name in ((torch, "OutOfMemoryError"), (torch.cuda, "OutOfMemoryError")):
         kind = getattr(owner, name, None)
         if isinstance(kind, type) and kind not in kinds:
@@ -25,6 +25,17 @@ def _out_of_memory_types() -> tuple[type[BaseException], ...]:
 
 
 OUT_OF_MEMORY = _out_of_memory_types()
+# A failed CPU allocation is a plain RuntimeError from c10's allocator (under ulimit -v, a
+# cgroup limit or overcommit off); this is its wording since torch 1.x.
+_CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means "too big for the memory left": CUDA's out-of-memory, a failed
+    CPU allocation, or Python's MemoryError. Retrying smaller can help with each."""
+    if isinstance(error, OUT_OF_MEMORY):
+        return True
+    return isinstance(error, RuntimeError) and _CPU_ALLOCATION_FAILED in str(error)
 
 
 def release_cached_memory() -> None:

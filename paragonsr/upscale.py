@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from .images import DEFAULT_MAX_PIXELS
 from .inference import OptimizedCall, OptimizedParagonSR, optimize_for_inference
 from .network import ParagonSR, not_a_plain_network
 from .overlap_tiling import overlap_upscale
+from .runtime import available_cpu_memory
 from .tiles import MIN_TILE, Progress, Tile, grid
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,30 @@ class UpscaleSettings:
         if self.alpha not in ALPHA_MODES:
             raise UpscaleError(f"unknown alpha mode {self.alpha!r}; choose bilinear or model")
         if self.tile is not None and self.tile < MIN_TILE:
-            raise UpscaleError(f"tile size {self.tile} is below the minimum of {MIN_TILE} px")
+            raise UpscaleError(
+                f"--tile {self.tile}: the tile size is below the minimum of {MIN_TILE} px; use "
+                f"{MIN_TILE} or more, or auto"
+            )
         if self.overlap < 0:
-            raise UpscaleError("overlap must not be negative")
+            raise UpscaleError(f"--overlap {self.overlap}: the overlap must not be negative")
+        if self.device is not None and str(self.device) != "auto":
+            try:
+                resolve_device(self.device)
+            except UpscaleError as error:
+                raise UpscaleError(f"--device {self.device}: {error}") from None
+        if self.max_pixels < 1:
+            raise UpscaleError(
+                f"--max-pixels {self.max_pixels}: the pixel limit must be at least 1 (the "
+                f"default is {DEFAULT_MAX_PIXELS:,})"
+            )
+        # Each tile computes `overlap` px of context on every side: from half the tile up,
+        # that context is most of the work, and the tiles would be better off as one.
+        if self.mode == "overlap" and self.tile is not None and 2 * self.overlap >= self.tile:
+            raise UpscaleError(
+                f"--overlap {self.overlap} is at least half of --tile {self.tile}, so each tile "
+                f"would spend most of its work on context; use --overlap {(self.tile - 1) // 2} "
+                f"or less, or --tile {2 * self.overlap + 1} or more"
+            )
 
 
 def as_descriptor(model: ImageModelDescriptor | ParagonSR) -> ImageModelDescriptor:
@@ -135,21 +156,12 @@ def is_paragonsr(descriptor: ImageModelDescriptor) -> bool:
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes: CUDA's free memory, or the system's available RAM on the CPU."""
+    """Free bytes: CUDA's free memory, or what this process may still allocate on the host
+    (system, cgroup and ulimit limits alike)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    return available_cpu_memory()
 
 
 def bytes_per_tile_pixel(descriptor: ImageModelDescriptor, element_size: int) -> int:
@@ -164,11 +176,21 @@ def bytes_per_tile_pixel(descriptor: ImageModelDescriptor, element_size: int) ->
     return 64 * 10 * scale2 * element_size
 
 
-def image_bytes(descriptor: ImageModelDescriptor, height: int, width: int, element_size: int):
-    """Memory exact mode holds for the whole image: four maps of the residual stream."""
+def whole_image_bytes(descriptor: ImageModelDescriptor, height: int, width: int, element_size: int):
+    """What one untiled call needs: the per-pixel temporaries over the whole image, plus, for
+    ParagonSR, about four maps of the residual stream."""
+    per_pixel = bytes_per_tile_pixel(descriptor, element_size)
+    if is_paragonsr(descriptor):
+        per_pixel += 4 * descriptor.model.config.num_feat * element_size
+    return per_pixel * height * width
+
+
+def band_bytes_per_row(descriptor: ImageModelDescriptor, width: int, element_size: int) -> int:
+    """Host memory exact tiling holds per row of its bands: the band being read (with its halo),
+    the one being computed and the one waiting to be written, all full width."""
     if not is_paragonsr(descriptor):
         return 0
-    return 4 * descriptor.model.config.num_feat * height * width * element_size
+    return 3 * descriptor.model.config.num_feat * width * element_size
 
 
 def auto_tile(
@@ -179,16 +201,19 @@ def auto_tile(
     width: int,
     free: int | None = None,
 ) -> int:
-    """The largest tile (a multiple of 32, at least MIN_TILE) whose temporaries fit in half of
-    the free memory after the whole-image maps; the image's longer side if everything fits."""
+    """The image's longer side when an untiled call fits in half of the free memory; otherwise
+    the largest tile (a multiple of 32, at least MIN_TILE) whose temporaries fit there. On the
+    CPU the exact-tiling bands share that memory with the tile (on CUDA they stay on the host)."""
     element_size = torch.finfo(dtype).bits // 8
     free = available_memory(device) if free is None else free
-    budget = free // 2 - image_bytes(descriptor, height, width, element_size)
-    per_pixel = bytes_per_tile_pixel(descriptor, element_size)
-    side = int(math.sqrt(max(budget, 0) / per_pixel)) if budget > 0 else 0
-    if side * side >= height * width and side >= max(height, width):
+    budget = free // 2
+    if whole_image_bytes(descriptor, height, width, element_size) <= budget:
         return max(height, width)
-    return max(MIN_TILE, side // 32 * 32)
+    per_pixel = bytes_per_tile_pixel(descriptor, element_size)
+    per_row = band_bytes_per_row(descriptor, width, element_size) if device.type == "cpu" else 0
+    # The largest side t with per_pixel * t^2 + per_row * t <= budget.
+    side = int((math.sqrt(per_row**2 + 4 * per_pixel * budget) - per_row) / (2 * per_pixel))
+    return max(MIN_TILE, min(side, max(height, width)) // 32 * 32)
 
 
 @dataclass
@@ -205,9 +230,30 @@ def plan_channels(channels: int, model_channels: int) -> tuple[int, bool]:
     color, alpha = (channels - 1, True) if channels in (2, 4) else (channels, False)
     if color == model_channels or (color == 1 and model_channels == 3):
         return color, alpha
+    fix = {1: "; convert the image to grayscale", 4: "; give it an RGBA image"}
     raise UpscaleError(
         f"the model takes {model_channels}-channel images and cannot serve a {channels}-channel "
-        "image" + ("; convert the image to grayscale" if model_channels == 1 else "")
+        "image" + fix.get(model_channels, "")
+    )
+
+
+def plan_output(color_channels: int, has_alpha: bool, model_in: int, model_out: int) -> int:
+    """Colour channels of the output image: what the model returns, except that a gray image
+    run through an RGB model comes back gray; or an error where the model's output and the
+    image's alpha make no image layout (1 gray, 2 gray + alpha, 3 RGB, 4 RGBA)."""
+    if color_channels == 1 and model_in == 3 and model_out == 3:
+        return 1
+    # Two channels read as gray + alpha: only a model that takes two gives back two.
+    if model_out + has_alpha <= 4 and (model_out != 2 or model_in == 2):
+        return model_out
+    if model_out == 4 and has_alpha:
+        raise UpscaleError(
+            f"the model has 4 output channels ({model_in} in), which leave no room for the "
+            "image's alpha channel; remove the alpha channel or use a model with 3 output channels"
+        )
+    raise UpscaleError(
+        f"the model has {model_out} output channels ({model_in} in), which make no image "
+        "layout (1 gray, 3 RGB, 4 RGBA); use a model with 1, 3 or 4 output channels"
     )
 
 
@@ -247,8 +293,8 @@ def upscale(
     device = resolve_device(settings.device)
     dtype = resolve_dtype(descriptor, settings.precision, device)
     scale = descriptor.scale
-    out_color = (
-        color_channels if descriptor.output_channels != 3 else (1 if color_channels == 1 else 3)
+    out_color = plan_output(
+        color_channels, has_alpha, descriptor.input_channels, descriptor.output_channels
     )
     output = torch.empty((batch, out_color + int(has_alpha), height * scale, width * scale))
 
@@ -280,10 +326,15 @@ def upscale(
                 frame = _split_frame(
                     images[index : index + 1], color_channels, has_alpha, descriptor.input_channels
                 )
-                color = runner.run(frame.color.to(device), dtype)
-                if frame.gray_output and color.shape[1] == 3:
-                    color = color.mean(dim=1, keepdim=True)
-                output[index, :out_color] = color[0]
+                # Streamed straight into the output where the channels match: a second
+                # full-size copy would be the largest allocation of an exact-tiled frame.
+                direct = not frame.gray_output and out_color == descriptor.output_channels
+                destination = output[index : index + 1, :out_color] if direct else None
+                color = runner.run(frame.color.to(device), dtype, into=destination)
+                if color is not destination:
+                    if frame.gray_output and color.shape[1] == 3:
+                        color = color.mean(dim=1, keepdim=True)
+                    output[index, :out_color] = color[0]
                 if frame.alpha is not None:
                     output[index, out_color] = _upscale_alpha(
                         runner, frame.alpha, settings.alpha, descriptor, device, dtype
@@ -352,8 +403,12 @@ class _Runner:
                 self._reduced[dtype] = reduced
         return self._reduced[dtype]
 
-    def run(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        result, finite = self._attempt(image.to(dtype), self.network(dtype))
+    def run(
+        self, image: torch.Tensor, dtype: torch.dtype, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The frame's output in [0, 1]; exact tiling writes it into ``into`` when given (and
+        returns that tensor), other paths return a new tensor."""
+        result, finite = self._attempt(image.to(dtype), self.network(dtype), into)
         if not finite and dtype != torch.float32:
             if not self._warned:  # once per job, not once per frame
                 self._warned = True
@@ -362,10 +417,12 @@ class _Runner:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            result, _ = self._attempt(image.float(), self.network(torch.float32))
+            result, _ = self._attempt(image.float(), self.network(torch.float32), into)
         return result.clamp_(0, 1)
 
-    def _attempt(self, image: torch.Tensor, network) -> tuple[torch.Tensor, bool]:
+    def _attempt(
+        self, image: torch.Tensor, network, into: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, bool]:
         descriptor = self.descriptor
         _, _, height, width = image.shape
         scale = descriptor.scale
@@ -375,7 +432,8 @@ class _Runner:
                 result = network(image).float().cpu()
                 self.progress.step()
                 return result, bool(torch.isfinite(result).all())
-            output = torch.empty((1, descriptor.output_channels, height * scale, width * scale))
+            shape = (1, descriptor.output_channels, height * scale, width * scale)
+            output = into if into is not None else torch.empty(shape)
             finite = [True]
 
             def store(tile: Tile, values: torch.Tensor) -> None:
