@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, TypeAlias
 import torch
 
 from .errors import CheckpointError, UnsupportedVariantError
-from .files import atomic_write
+from .files import atomic_write, missing_file_problem
 from .network import (
     ParagonBlock,
     ParagonSR,
@@ -108,7 +107,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "file not found", "Check the path")
+        raise CheckpointError(path, *missing_file_problem(path))
     if not path.is_file():
         raise CheckpointError(path, "is not a file", "Give the path of a checkpoint file")
     if not os.access(path, os.R_OK):
@@ -140,7 +139,7 @@ def _read_safetensors(path: Path) -> StateDict:
     except Exception as error:  # safetensors raises its own error types and OSError
         raise CheckpointError(
             path,
-            f"not a readable safetensors file, probably truncated or corrupt ({error})",
+            f"not a readable safetensors file, probably truncated or corrupt ({one_line(error)})",
             "Download or export it again",
         ) from None
 
@@ -165,13 +164,24 @@ def _read_pickle(path: Path) -> Any:
             f"not a readable PyTorch checkpoint ({detail})",
             "Download or export it again, or convert it to .safetensors",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except Exception as error:  # any byte sequence reaches the unpickler: any error can come
+        detail = one_line(error)
         raise CheckpointError(
             path,
             f"not a readable PyTorch checkpoint, probably truncated or corrupt ({detail})",
             "Download or export it again",
         ) from None
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: the first line that says something (torch's and
+    spandrel's messages open with a heading such as "Error(s) in loading state_dict for X:")."""
+    if isinstance(error, KeyError) and error.args:
+        return f"missing key {error.args[0]!r}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if not line.endswith(":")] or lines
+    text = telling[0] if telling else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _unpickler_detail(message: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -24,7 +26,7 @@ from .checkpoint import (
     load_model,
     save_checkpoint,
 )
-from .errors import CheckpointError, ParagonSRError
+from .errors import CheckpointError, ExportError, ParagonSRError
 from .inference import optimize_for_inference
 from .network import FORMS, ParagonSR, fuse_for_release, macs_per_pixel
 
@@ -143,21 +145,48 @@ def load_any_model(path: str):
     whose errors name the file and the problem."""
     import spandrel
 
-    from .checkpoint import looks_like_paragonsr, read_state_dict
+    from .checkpoint import looks_like_paragonsr, one_line, read_state_dict
     from .spandrel_arch import load_descriptor
 
     state_dict = read_state_dict(path)
     if looks_like_paragonsr(state_dict):
-        return load_descriptor(state_dict)
+        try:
+            return load_descriptor(state_dict)
+        except CheckpointError as error:
+            raise error.with_source(path) from None
     try:
         descriptor = spandrel.ModelLoader().load_from_state_dict(state_dict)
     except spandrel.UnsupportedModelError:
-        raise CheckpointError(path, "not a model that spandrel or this pack recognizes") from None
+        raise CheckpointError(
+            path,
+            "not a model that spandrel or this pack recognizes",
+            "It may be damaged, or of an architecture spandrel does not support",
+        ) from None
+    except ParagonSRError:
+        raise
+    except Exception as error:  # a detected architecture whose tensors do not fit it
+        raise CheckpointError(
+            path,
+            f"damaged or incomplete {_detected_architecture(state_dict)} model ({one_line(error)})",
+            "Download it again",
+        ) from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise CheckpointError(
             path, "is not an image-to-image model (inpainting models are not supported)"
         )
     return descriptor
+
+
+def _detected_architecture(state_dict) -> str:
+    import spandrel
+
+    for support in spandrel.MAIN_REGISTRY.architectures("detection"):
+        try:
+            if support.detect(state_dict):
+                return support.architecture.name
+        except Exception:  # another detector failing on foreign keys says nothing
+            continue
+    return "spandrel"
 
 
 def plan_outputs(source: Path, target: Path, overwrite: bool) -> list[tuple[Path, Path]]:
@@ -176,7 +205,9 @@ def plan_outputs(source: Path, target: Path, overwrite: bool) -> list[tuple[Path
         check_suffix(source)
         pairs = [(source, target / source.name if target.is_dir() else target)]
     else:
-        raise ImageError(source, "file not found", "Check the path")
+        from .files import missing_file_problem
+
+        raise ImageError(source, *missing_file_problem(source))
     for _, output in pairs:
         check_suffix(output)
     folder = pairs[0][1].parent
@@ -236,7 +267,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     from .images import read_image, write_image
     from .runtime import keep_freed_cpu_memory
-    from .upscale import UpscaleSettings, upscale
+    from .upscale import UpscaleSettings, is_paragonsr, upscale
 
     settings = UpscaleSettings(
         tile=None if args.tile == "auto" else _tile_size(args.tile),
@@ -247,6 +278,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         device=args.device,
         max_pixels=args.max_pixels,
     )
+    settings.validate()  # --device banana is refused here, before torchrun's ranks read it
     from .distributed import ranks
 
     world = ranks()
@@ -267,9 +299,19 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         print(f"nothing to do: {len(done)} output(s) already exist")
         return 0
     descriptor = load_any_model(args.model)
+    # The mode decides which settings conflict (--overlap against --tile): refuse before work.
+    if settings.mode == "exact" and not is_paragonsr(descriptor):
+        raise ParagonSRError(
+            f"--mode exact needs a ParagonSR model, and {args.model} is "
+            f"{descriptor.architecture.name}; use --mode overlap"
+        )
+    default_mode = "exact" if is_paragonsr(descriptor) else "overlap"
+    settings = replace(settings, mode=settings.mode or default_mode)
+    settings.validate()
     keep_freed_cpu_memory()  # this process only runs the job: let glibc reuse freed memory
-    if Path(args.input).is_dir():
-        Path(args.output).mkdir(exist_ok=True)
+    created = _make_folder(Path(args.output)) if Path(args.input).is_dir() else None
+    if world.distributed:
+        created = None  # the other ranks may still write into it after this one fails
     bar = _Bar(len(pairs))
     started, pixels = time.perf_counter(), 0
     failures: list[str] = []
@@ -282,7 +324,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                     result = upscale(descriptor, image.pixels, settings, tick=bar.tiles)
                 except ParagonSRError as error:
                     raise ParagonSRError(f"{source}: {error}") from None
-                write_image(target, result, image.bits, overwrite=True)
+                write_image(
+                    target, result, image.bits, overwrite=True, icc_profile=image.icc_profile
+                )
             except ParagonSRError as error:
                 if not Path(args.input).is_dir():
                     raise  # one file: its error is the answer
@@ -294,10 +338,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             bar.next_image()
     finally:
         bar.close()
+        if created is not None:
+            _remove_if_empty(created)
     elapsed = time.perf_counter() - started
-    mode = settings.mode or (
-        "exact" if type(descriptor.model).__name__ == "ParagonSR" else "overlap"
-    )
+    mode = settings.mode
     rank_note = f"rank {world.rank}/{world.world}: " if world.distributed else ""
     skipped = f", {len(done)} already done" if done else ""
     failed = f", {len(failures)} failed" if failures else ""
@@ -309,6 +353,25 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failures else 0
 
 
+def _make_folder(folder: Path) -> Path | None:
+    """Create ``folder``; return it if this call created it (so a failed run can take it back)."""
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return None
+    except OSError as error:
+        from .images import ImageError
+
+        raise ImageError(folder, f"cannot create the output folder ({error.strerror})") from None
+    return folder
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A failed run leaves no empty folder behind; one with any file in it is the user's."""
+    with contextlib.suppress(OSError):  # rmdir refuses a folder that holds anything
+        folder.rmdir()
+
+
 def _tile_size(text: str) -> int:
     try:
         return int(text)
@@ -317,7 +380,8 @@ def _tile_size(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .onnx_export import ExportOptions, export_onnx
+    from .checkpoint import NonFiniteWeightsWarning
+    from .onnx_export import OPSETS, ExportOptions, export_onnx
 
     options = ExportOptions(
         opset=args.opset,
@@ -327,7 +391,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         dynamic_batch=args.batch == "dynamic",
         mish_op=not args.no_mish,
     )
-    report = export_onnx(args.model, args.output, options, overwrite=args.overwrite)
+    try:
+        options.validate()
+    except ExportError as error:
+        if args.opset not in OPSETS:
+            raise ExportError(f"--opset {args.opset}: {error}") from None
+        raise
+    try:
+        with warnings.catch_warnings():
+            # Such a model's export is refused below, with a message that says why.
+            warnings.simplefilter("ignore", NonFiniteWeightsWarning)
+            report = export_onnx(args.model, args.output, options, overwrite=args.overwrite)
+    except ExportError as error:
+        if args.model in str(error) or args.output in str(error):
+            raise
+        raise ExportError(f"{args.model}: not exported: {error}") from None
     print("\n".join(report.lines()))
     return 0
 
@@ -337,6 +415,8 @@ def _static_size(text: str) -> tuple[int, int]:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise ParagonSRError(f"--static takes HEIGHTxWIDTH such as 256x256, not {text!r}") from None
+    if min(height, width) < 3:
+        raise ParagonSRError(f"--static {text}: the input size must be at least 3x3")
     return height, width
 
 
@@ -349,7 +429,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=args.out,
         val=args.val,
         lr_data=args.lr_data,
-        variant=args.variant,
+        variant=args.variant or "nano",
         scale=args.scale,
         iters=args.iters,
         batch=args.batch,
@@ -377,6 +457,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(config)
         return 0
     config.validate()  # before the progress bar appears
+    if args.init and args.variant:
+        _check_variant_of_init(args.variant, args.init)
     bar = _TrainBar(config.iters)
     with StopRequests() as stop:
         try:
@@ -389,7 +471,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 130
-    bar.close()
+        finally:
+            bar.close()  # an error message then starts on a line of its own
     if result.cancelled:
         print(
             f"paragonsr: stopped by {stop.signal_name} at iteration {result.iteration}; the "
@@ -408,6 +491,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{Path(args.out) / MODEL_FILE}"
     )
     return 0
+
+
+def _check_variant_of_init(variant: str, init: str) -> None:
+    """Fine-tuning keeps the architecture of the --init checkpoint: a --variant that names
+    another would be silently ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training reads the checkpoint again and warns there
+        held = inspect_checkpoint(init).variant
+    if held != variant:
+        raise ParagonSRError(
+            f"--variant {variant}: fine-tuning keeps the architecture of --init {init} "
+            f"({'variant ' + held if held else 'a custom configuration'}); drop --variant"
+        )
 
 
 def _milestones(text: str | None) -> tuple[int, ...]:
@@ -501,8 +597,15 @@ def cmd_spandrel_hook(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}. See {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="paragonsr",
         description="Inspect, fuse and run ParagonSR super-resolution checkpoints.",
     )
@@ -635,7 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val", help="folder of held-out HR images for PSNR against bicubic")
     tr.add_argument("--lr-data", help="folder of LR images paired with --data by name")
     tr.add_argument("--out", required=True, help="run folder for checkpoints")
-    tr.add_argument("--variant", choices=list(VARIANTS), default="nano")
+    tr.add_argument(
+        "--variant",
+        choices=list(VARIANTS),
+        help="network size (default nano); with --init the checkpoint decides it",
+    )
     tr.add_argument("--scale", type=int, default=2)
     tr.add_argument("--iters", type=int, default=5000)
     tr.add_argument("--batch", type=int, default=8)
@@ -688,6 +795,38 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"paragonsr: warning: {message}\n"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the program is, so that every ``finally`` runs on the way out:
+    atomic_write removes its temporary, upscale takes back an output folder it left empty.
+    A BaseException, so that no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(number: int, frame) -> NoReturn:
+    raise Terminated(signal.Signals(number).name)
+
+
+@contextlib.contextmanager
+def _terminate_by_exception():
+    """SIGTERM as :class:`Terminated` for the duration of a command (training's StopRequests
+    replaces it while it runs, to save a resumable state first)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        installed = True
+    except ValueError:  # not the main thread: only the main thread may handle signals
+        installed = False
+    try:
+        yield
+    finally:
+        if installed:
+            # None: a handler installed outside Python, which cannot be put back; the default
+            # is what it almost always was.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -696,13 +835,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        return args.handler(args)
+        with _terminate_by_exception():
+            return args.handler(args)
     except ParagonSRError as error:
-        print(f"paragonsr: error: {error}", file=sys.stderr)
+        print(f"paragonsr: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("paragonsr: interrupted", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"paragonsr: stopped by {stop}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         warnings.formatwarning = previous_format
 

@@ -5,8 +5,8 @@ upscalers through spandrel without importing this pack (chaiNNer, Forge/A1111, I
 Python's ``site`` runs at start-up, and the tiny module it imports, which puts a finder on
 ``sys.meta_path``. The finder does nothing until something imports ``spandrel``; then it lets
 spandrel load normally and registers ParagonSR right after. Programs that never import spandrel
-pay one small stdlib import (no torch). If this pack is broken or missing, the hook warns once
-and spandrel still imports as usual.
+pay one small stdlib import (no torch). If this pack is broken, the hook warns once and spandrel
+still imports as usual; if it was uninstalled (pip leaves the hook behind), the hook does nothing.
 
 The hook belongs in the site-packages of the Python that runs the host program. The user site
 (``--user``) is seen only by Pythons outside a virtual environment that start without ``-s`` or
@@ -50,6 +50,12 @@ class _RegisterParagonSR:
             original(module)
             if "paragonsr" in sys.modules:
                 return  # the pack itself is importing spandrel, and registers on its own
+            try:
+                present = importlib.util.find_spec("paragonsr") is not None
+            except (ImportError, ValueError):
+                present = False
+            if not present:
+                return  # `pip uninstall paragonsr` leaves this hook behind: stay out of the way
             try:
                 from paragonsr.spandrel_arch import register
 

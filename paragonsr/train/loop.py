@@ -3,9 +3,11 @@ autocast, clipping, EMA, validation and checkpoints in plain sight."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import pickle
 import secrets
 import time
 from collections.abc import Callable
@@ -16,7 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import inspect_checkpoint, load_model, save_checkpoint
+from ..checkpoint import (
+    _unpickler_detail,
+    inspect_checkpoint,
+    load_model,
+    one_line,
+    save_checkpoint,
+)
 from ..distributed import Ranks, ranks
 from ..errors import ParagonSRError
 from ..files import atomic_write
@@ -81,10 +89,39 @@ class TrainConfig:
             raise TrainingError(f"--scale {self.scale}: ParagonSR supports scales 1-16")
         if self.threads is not None and self.threads < 0:
             raise TrainingError(f"--threads {self.threads}: must be 0 (all cores) or more")
-        if self.lr is not None and not self.lr > 0:
-            raise TrainingError(f"--lr {self.lr}: must be positive")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"--lr {self.lr}: must be positive and finite, e.g. 5e-4")
         if any(m < 1 for m in self.milestones):
-            raise TrainingError("--milestones: iterations must be at least 1")
+            listed = ",".join(str(m) for m in self.milestones)
+            raise TrainingError(f"--milestones {listed}: iterations must be at least 1")
+        if self.warmup is not None and self.warmup < 0:
+            raise TrainingError(f"--warmup {self.warmup}: must be 0 or more iterations")
+        # Written so that NaN fails each test too.
+        if not 0 <= self.ema_decay < 1:
+            raise TrainingError(
+                f"--ema {self.ema_decay:g}: the EMA decay must be from 0 up to (not including) "
+                "1, e.g. 0.999"
+            )
+        if not self.clip > 0:
+            raise TrainingError(
+                f"--clip {self.clip:g}: the gradient norm limit must be positive (inf: no clipping)"
+            )
+        if not (self.ms_ssim_weight >= 0 and math.isfinite(self.ms_ssim_weight)):
+            raise TrainingError(f"--ms-ssim {self.ms_ssim_weight:g}: the weight must be 0 or more")
+        if self.device not in ("auto", "cuda"):
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise TrainingError(
+                    f"--device {self.device}: unknown device; use auto, cpu or cuda:N"
+                ) from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise TrainingError(f"--device {self.device}: CUDA is not available; use cpu")
+            if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+                raise TrainingError(
+                    f"--device {self.device}: there are {torch.cuda.device_count()} CUDA "
+                    "devices, numbered from 0"
+                )
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -171,6 +208,15 @@ def _check_run_folder(out: Path, resume: bool) -> None:
         )
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def train(
     config: TrainConfig,
     *,
@@ -180,8 +226,25 @@ def train(
     """Train (or resume) as configured. ``progress`` receives a dict after every iteration
     (iteration, loss, lr, seconds, and psnr/bicubic after validations); ``cancelled()`` is
     checked every iteration, and True saves a resumable state and returns."""
-    # --- configuration ---------------------------------------------------------------------
     config.validate()
+    # Only the main rank creates the run folder, so only it may take the folder back.
+    created = _missing_folders(Path(config.out)) if ranks().is_main else []
+    try:
+        return _train(config, progress, cancelled)
+    except BaseException:
+        # A run that failed before its first save leaves no empty folder behind.
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                folder.rmdir()
+        raise
+
+
+def _train(
+    config: TrainConfig,
+    progress: Callable[[dict], None] | None,
+    cancelled: Callable[[], bool] | None,
+) -> TrainResult:
+    # --- configuration ---------------------------------------------------------------------
     out = Path(config.out)
     # Under torchrun every rank draws the same global batch from the same seeded generator and
     # trains on its slice; DDP averages the gradients, so N ranks take exactly the steps one
@@ -255,14 +318,27 @@ def train(
     iteration, history = 0, {"losses": [], "validation": []}
     if config.resume:
         state = _load_state(out / STATE_FILE, model)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        iteration = int(state["iteration"])
+
+        def set_rng(rng: dict) -> None:
+            generator.set_state(rng["data"])
+            torch.set_rng_state(rng["torch"])
+
+        loaders = {
+            "model": model.load_state_dict,
+            "ema": ema.load_state_dict,
+            "optimizer": optimizer.load_state_dict,
+            "scheduler": scheduler.load_state_dict,
+            "scaler": scaler.load_state_dict,
+            "rng": set_rng,
+        }
+        for key, load in loaders.items():
+            try:
+                load(state[key])
+            except Exception as error:  # torch's loaders raise many kinds on foreign content
+                raise _state_error(
+                    out / STATE_FILE, f"its {key!r} entry does not fit this run ({one_line(error)})"
+                ) from None
+        iteration = state["iteration"]
         history = state["history"]
 
     def save() -> None:
@@ -384,15 +460,53 @@ def _any_rank(world: Ranks, flag: bool, device: torch.device) -> bool:
     return bool(votes.item())
 
 
+# What a resume state must hold, and of which type: checked before any of it is loaded.
+STATE_ENTRIES = {
+    "model": dict,
+    "ema": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "iteration": int,
+    "history": dict,
+    "rng": dict,
+    "model_config": dict,
+}
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def _state_error(path: Path, problem: str) -> TrainingError:
+    return TrainingError(
+        f"{path}: {problem}; start without --resume or point --out at the right run"
+    )
+
+
 def _load_state(path: Path, model: ParagonSR) -> dict:
     if not path.exists():
-        raise TrainingError(f"{path}: no resume state to continue from")
+        raise _state_error(path, "no resume state to continue from")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise TrainingError(f"{path}: unreadable resume state ({error})") from None
-    saved = state.get("model_config", {})
-    current = asdict(model.config)
+    except pickle.UnpicklingError as error:
+        raise _state_error(
+            path, f"unreadable resume state ({_unpickler_detail(str(error))})"
+        ) from None
+    except Exception as error:  # truncated or foreign files fail in many ways
+        raise _state_error(path, f"unreadable resume state ({one_line(error)})") from None
+    if not isinstance(state, dict):
+        raise _state_error(path, f"not a resume state (it holds {_a(type(state).__name__)})")
+    for key, kind in STATE_ENTRIES.items():
+        if key not in state:
+            raise _state_error(path, f"the resume state has no {key!r} entry")
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _state_error(
+                path,
+                f"its {key!r} entry is {_a(type(value).__name__)}, not {_a(kind.__name__)}",
+            )
+    saved, current = state["model_config"], asdict(model.config)
     if saved != current:
         differing = sorted(k for k in current if saved.get(k) != current[k])
         raise TrainingError(
@@ -400,6 +514,12 @@ def _load_state(path: Path, model: ParagonSR) -> dict:
             f"{', '.join(f'{k}={saved.get(k)}' for k in differing)}); use the same --variant "
             "and --scale, or another run folder"
         )
+    if state["iteration"] < 0:
+        raise _state_error(path, f"its 'iteration' entry is negative ({state['iteration']})")
+    history = state["history"]
+    for key in ("losses", "validation"):
+        if not isinstance(history.get(key), list):
+            raise _state_error(path, f"its 'history' entry has no {key!r} list")
     return state
 
 
