@@ -6,12 +6,14 @@ width, depth, FFN expansion, kernel sizes and branch ratio. File names are never
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -149,7 +151,10 @@ def _read_pickle(path: Path) -> Any:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it did not write; the refusal below says more.
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            # Memory-mapped where the format allows (zip, torch >= 1.6): tensors nobody reads,
+            # such as an optimizer state or a hostile padding tensor, never enter memory.
+            mapped = zipfile.is_zipfile(path)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as error:
         detail = _unpickler_detail(str(error))
         if "GLOBAL" in detail:
@@ -435,9 +440,27 @@ def _check_depth(
 
 
 def expected_shapes(config: ParagonSRConfig, form: str) -> dict[str, torch.Size]:
+    """Every key and shape of ``config``'s network in ``form``, in state-dict order.
+
+    Blocks are all alike, so one network of one group of one block is built (on the meta device)
+    and its block's entries are repeated for every group and block: xl's 144 blocks would
+    otherwise take seconds to construct, for a question the file's header answers."""
     with torch.device("meta"):
-        model = ParagonSR(config, fused=form == "fused")
-    return {k: v.shape for k, v in model.state_dict().items()}
+        model = ParagonSR(replace(config, num_groups=1, num_blocks=1), fused=form == "fused")
+    prefix = "body.0.blocks.0."
+    small = {key: value.shape for key, value in model.state_dict().items()}
+    block = {key[len(prefix) :]: shape for key, shape in small.items() if key.startswith(prefix)}
+    first_of_block = prefix + next(iter(block))
+    shapes: dict[str, torch.Size] = {}
+    for key, shape in small.items():
+        if not key.startswith(prefix):
+            shapes[key] = shape
+        elif key == first_of_block:
+            for group, index in itertools.product(
+                range(config.num_groups), range(config.num_blocks)
+            ):
+                shapes.update({f"body.{group}.blocks.{index}.{n}": s for n, s in block.items()})
+    return shapes
 
 
 def empty_model(config: ParagonSRConfig, form: str) -> ParagonSR:

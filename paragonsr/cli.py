@@ -35,9 +35,16 @@ EXIT_NOTHING_DONE = 1
 
 
 def optimized_tensor_count(inspection: Inspection) -> int:
+    """Values the optimized network holds. Its blocks are all alike: one network of one block
+    (on the meta device) is counted and its block scaled, as in checkpoint.expected_shapes."""
+    config = inspection.config
+    one_block = replace(config, num_groups=1, num_blocks=1)
     with torch.device("meta"):
-        model = ParagonSR(inspection.config, fused=inspection.form == "fused")
-    return sum(t.numel() for t in optimize_for_inference(model).buffers())
+        model = ParagonSR(one_block, fused=inspection.form == "fused")
+        buffers = dict(optimize_for_inference(model).named_buffers())
+    block = sum(t.numel() for name, t in buffers.items() if name.startswith("groups.0.0."))
+    rest = sum(t.numel() for name, t in buffers.items() if not name.startswith("groups."))
+    return rest + block * config.num_groups * config.num_blocks
 
 
 def describe(inspection: Inspection) -> dict:
