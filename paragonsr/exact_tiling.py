@@ -40,6 +40,7 @@ import torch
 
 from .errors import UpscaleError
 from .inference import BAND_BYTES, Moments, OptimizedParagonSR
+from .runtime import available_cpu_memory
 from .tiles import (
     MIN_TILE,
     Progress,
@@ -92,12 +93,24 @@ class StreamedMap:
     """
 
     def __init__(
-        self, batch: int, channels: int, height: int, width: int, dtype: torch.dtype
+        self,
+        batch: int,
+        channels: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        in_memory: bool = False,
     ) -> None:
         self.shape = (batch, channels, height, width)
         self.dtype = dtype
         self.row_bytes = width * channels * torch.empty((), dtype=dtype).element_size()
-        self.folder = scratch_folder()
+        # A small map is held in a tensor instead, with the same row-wise reads and writes.
+        self._memory = (
+            torch.empty((batch, height, width, channels), dtype=dtype) if in_memory else None
+        )
+        self.folder = "memory" if in_memory else scratch_folder()
+        if in_memory:
+            return
         try:
             # Closed by close(), which the streamer calls in a finally block.
             self._file = tempfile.TemporaryFile(  # noqa: SIM115
@@ -112,15 +125,21 @@ class StreamedMap:
         self._descriptor = self._file.fileno()
 
     def close(self) -> None:
-        self._file.close()
+        if self._memory is None:
+            self._file.close()
+        self._memory = None
 
     def _offset(self, item: int, row: int) -> int:
         return (item * self.shape[2] + row) * self.row_bytes
 
-    def read(self, top: int, bottom: int) -> torch.Tensor:
-        """Rows [top, bottom) as a new [batch, channels, rows, width] CPU tensor (channels-last)."""
+    def read(self, top: int, bottom: int, buffers: Buffers | None = None) -> torch.Tensor:
+        """Rows [top, bottom) as a [batch, channels, rows, width] CPU tensor (channels-last),
+        in a buffer from ``buffers`` if given (hand it back with ``buffers.give``)."""
         batch, channels, _, width = self.shape
-        rows = torch.empty((batch, bottom - top, width, channels), dtype=self.dtype)
+        shape = (batch, bottom - top, width, channels)
+        if self._memory is not None:  # a view: the streamer never writes the map it reads
+            return self._memory[:, top:bottom].permute(0, 3, 1, 2)
+        rows = buffers.take(shape, self.dtype) if buffers else torch.empty(shape, dtype=self.dtype)
         for item in range(batch):
             view = memoryview(rows[item].view(torch.uint8).numpy()).cast("B")
             offset, done = self._offset(item, top), 0
@@ -131,8 +150,24 @@ class StreamedMap:
                 done += got
         return rows.permute(0, 3, 1, 2)
 
+    def band(self, top: int, bottom: int, buffers: Buffers) -> torch.Tensor:
+        """Where to compute rows [top, bottom) of this map before :meth:`commit`: the rows
+        themselves in memory, a buffer from ``buffers`` for a file."""
+        if self._memory is not None:
+            return self._memory[:, top:bottom].permute(0, 3, 1, 2)
+        batch, channels, _, width = self.shape
+        return buffers.take((batch, bottom - top, width, channels), self.dtype).permute(0, 3, 1, 2)
+
+    def commit(self, top: int, band: torch.Tensor) -> None:
+        """Store a band from :meth:`band` (in memory it is already in place)."""
+        if self._memory is None:
+            self.write(top, band)
+
     def write(self, top: int, values: torch.Tensor) -> None:
         """Store [batch, channels, rows, width] ``values`` as rows from ``top`` on."""
+        if self._memory is not None:
+            self._memory[:, top : top + values.shape[2]].copy_(values.permute(0, 2, 3, 1))
+            return
         channels_last = values.permute(0, 2, 3, 1).contiguous()
         for item in range(self.shape[0]):
             view = memoryview(channels_last[item].view(torch.uint8).numpy()).cast("B")
@@ -147,6 +182,37 @@ class StreamedMap:
                     f"{self.folder}: {error.strerror or error}; free disk space there, set "
                     "PARAGONSR_SCRATCH to a folder on a larger disk, or use overlap mode"
                 ) from None
+
+
+class Buffers:
+    """Band-sized host buffers, reused from band to band and pass to pass. The kernel zeroes a
+    fresh allocation of this size page by page on first touch, which cost more than the copies
+    into it (tiny x4, 1024x1024: reading the maps into new buffers took 1.6 s of 7.5)."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+        self._ours: set[int] = set()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` (contents undefined)."""
+        for index, buffer in enumerate(self._free):
+            if buffer.shape == shape and buffer.dtype == dtype:
+                return self._free.pop(index)
+        buffer = torch.empty(shape, dtype=dtype)
+        self._ours.add(id(buffer))
+        return buffer
+
+    def give(self, tensor: torch.Tensor | None) -> None:
+        """Hand back a tensor from :meth:`take` (or a view of one, via its base); others and
+        None are ignored."""
+        while tensor is not None and id(tensor) not in self._ours:
+            tensor = tensor._base
+        if tensor is None:
+            return
+        self._free.append(tensor)
+        if len(self._free) > self.keep:
+            self._ours.discard(id(self._free.pop(0)))
 
 
 @dataclass
@@ -223,34 +289,45 @@ class ExactStreamer:
         size: tuple[int, int, int, int],
         halo: int,
         compute: Compute,
-        finish: Finish,
         bytes_per_pixel: int,
+        buffers: Buffers,
         *,
+        destination: StreamedMap | None = None,
+        store: Finish | None = None,
         statistics: Moments | None = None,
         add: StreamedMap | None = None,
         scale: int = 1,
     ) -> None:
-        """One pass over the image, band by band (see the module docstring for the order).
+        """One pass over the image, band by band (see the module docstring for the order),
+        into ``destination`` (a map) or, for the high-resolution output, to ``store``.
 
         Each tile's output, plus the same rows of ``add`` if given, goes into the band and into
         ``statistics`` while it is still in the cache; the band's share of the statistics counts
         once the whole band is done, so a band redone after running out of memory counts once.
         """
         batch, channels, height, width = size
+
+        def finish(top: int, band: torch.Tensor) -> None:
+            if destination is not None:
+                destination.commit(top, band)
+            elif store is not None:
+                store(top, band)
+            buffers.give(band)
+
         pending: tuple[int, torch.Tensor] | None = None
         top = 0
         while top < height:
             bottom = self.bands(top, height)[0][1]
             rows = read(max(0, top - halo), min(height, bottom + halo))
-            addend = Rows(add.read(top, bottom), top) if add is not None else None
+            addend = Rows(add.read(top, bottom, buffers), top) if add is not None else None
             if pending is not None:  # its rows are read: the band before can be written now
                 finish(*pending)
                 pending = None
-            band = torch.empty(
-                (batch, channels, (bottom - top) * scale, width * scale),
-                dtype=rows.values.dtype,
-                memory_format=torch.channels_last if scale == 1 else torch.contiguous_format,
-            )
+            if destination is not None:
+                band = destination.band(top, bottom, buffers)
+            else:
+                shape = (batch, channels, (bottom - top) * scale, width * scale)
+                band = buffers.take(shape, rows.values.dtype)
             band_statistics = self._compute_band(
                 band,
                 (top, bottom),
@@ -264,6 +341,8 @@ class ExactStreamer:
             )
             if statistics is not None:
                 statistics.merge(band_statistics)
+            buffers.give(rows.values)
+            buffers.give(addend.values if addend is not None else None)
             pending = (top, band)
             top = bottom
         if pending is not None:
@@ -331,79 +410,93 @@ class ExactStreamer:
         source = Rows(image.cpu().contiguous(memory_format=layout), 0)
         whole = lambda top, bottom: source  # noqa: E731 - the image is small: always in memory
         shapes = iter(self._pass_shapes(image.element_size()))
-        maps = [StreamedMap(batch, features, height, width, dtype) for _ in range(2)]
+        feature_shape = (batch, features, height, width)
+        # Small maps stay in memory, three of them, so that no pass writes the map it reads
+        # (reads are then views, not copies); while three take at most a sixteenth of what the
+        # process may allocate (about 1024x1024 for nano on 16 GB). Larger ones, or any when
+        # PARAGONSR_SCRATCH asks for it, go to two scratch files updated in place: resident
+        # memory then stops growing with the image.
+        map_bytes = batch * features * height * width * image.element_size()
+        in_memory = "PARAGONSR_SCRATCH" not in os.environ and (
+            3 * map_bytes <= available_cpu_memory() // 16
+        )
+        maps = [StreamedMap(*feature_shape, dtype, in_memory) for _ in range(3 if in_memory else 2)]
+        buffers = Buffers()
 
         def reader(stream: StreamedMap) -> Callable[[int, int], Rows]:
             def read(top: int, bottom: int) -> Rows:
-                values = stream.read(top, bottom)
+                values = stream.read(top, bottom, buffers)
                 return Rows(values.contiguous(memory_format=layout), top)
 
             return read
 
-        def writer(stream: StreamedMap) -> Finish:
-            return lambda top, band: stream.write(top, band)
+        def target(source: StreamedMap, keep: StreamedMap) -> StreamedMap:
+            """Where a pass reading ``source`` writes: a map other than it and ``keep`` (the
+            group's input) if there is one, else ``source`` itself, in place."""
+            return next((m for m in maps if m is not source and m is not keep), source)
 
-        def run(read, halo: int, compute: Compute, finish: Finish, channels=features, **options):
+        def run(read, halo: int, compute: Compute, channels=features, **options) -> None:
             size = (batch, channels, height, width)
-            self._pass(read, size, halo, compute, finish, next(shapes)[0], **options)
+            self._pass(read, size, halo, compute, next(shapes)[0], buffers, **options)
 
         def shallow(region: Tile) -> torch.Tensor:
             return net.head(source.region(region, device))
 
         try:
-            group_input, current = maps
+            current = group_input = maps[0]
             statistics = Moments()
             run(
                 whole,
                 net.head_halo,
                 lambda r, rows: shallow(r),
-                writer(group_input),
+                destination=current,
                 statistics=statistics,
             )
             for group in net.groups:
+                group_input = current
                 for index, block in enumerate(group):
-                    # The group's first pass reads its input map and writes the other one;
-                    # every later pass updates that one in place.
-                    source_map = group_input if index == 0 else current
                     scale, shift = statistics.normalizer(
                         block.eps1, block.norm1_weight, block.norm1_bias
                     )
                     norm1 = _affine(scale, shift, device, dtype)
                     statistics = Moments()
+                    output = target(current, group_input)
                     run(
-                        reader(source_map),
+                        reader(current),
                         block.context_halo,
                         lambda r, rows, k=block, n=norm1: _context(k, rows.region(r, device), n),
-                        writer(current),
+                        destination=output,
                         statistics=statistics,
                     )
+                    current = output
                     norm2 = _affine(*statistics.normalizer(block.eps2), device, dtype)
                     last = index == len(group) - 1
                     statistics = Moments()
+                    output = target(current, group_input)
                     run(
                         reader(current),
                         block.ffn_halo,
                         lambda r, rows, k=block, n=norm2: _ffn(
                             k, rows.region(r, device), n, numerics
                         ),
-                        writer(current),
+                        destination=output,
                         statistics=statistics,
                         add=group_input if last else None,
                     )
-                group_input, current = current, group_input
-            deep = group_input  # the last group's output (the names swapped after it)
+                    current = output
+            deep = target(current, current)
             run(
-                reader(deep),
+                reader(current),
                 1,
                 lambda r, rows: net.fuse(rows.region(r, device), shallow(r)),
-                writer(deep),
+                destination=deep,
             )
             out_channels = net.tail_weight.shape[0] // net.scale**2
             run(
                 reader(deep),
                 net.tail_halo,
                 lambda r, rows: net.tail(rows.region(r, device)),
-                lambda top, band: store_output(
+                store=lambda top, band: store_output(
                     Tile(top, top + band.shape[-2] // net.scale, 0, width), band
                 ),
                 channels=out_channels,

@@ -45,11 +45,23 @@ def test_streamed_map_round_trips_bands_of_rows(tmp_path, monkeypatch, dtype) ->
         stream.close()
 
 
-def test_exact_tiling_leaves_no_scratch_files_and_matches_whole_image(tmp_path, monkeypatch):
-    monkeypatch.setenv("PARAGONSR_SCRATCH", str(tmp_path))
-    model = randomized_model(config_for_variant("nano", 2))
-    image = seeded_image(3, 70, 90)
-    output = upscale(model, image, UpscaleSettings(tile=32))
+@pytest.mark.parametrize(
+    ("variant", "scale", "batch", "tile"),
+    [("nano", 2, 1, 32), ("tiny", 3, 2, 40), ("nano", 1, 1, 53)],
+)
+@pytest.mark.parametrize("where", ["scratch files", "memory"])
+def test_both_map_stores_give_the_whole_image_result(
+    tmp_path, monkeypatch, variant, scale, batch, tile, where
+) -> None:
+    """Scratch files (two maps updated in place, bands written after the next band's read) and
+    memory (three maps, views) against the float64 whole-image forward; no file is left."""
+    if where == "scratch files":
+        monkeypatch.setenv("PARAGONSR_SCRATCH", str(tmp_path))
+    else:
+        monkeypatch.delenv("PARAGONSR_SCRATCH", raising=False)
+    model = randomized_model(config_for_variant(variant, scale))
+    image = torch.cat([seeded_image(3, 70, 90, seed=seed) for seed in range(batch)])
+    output = upscale(model, image, UpscaleSettings(tile=tile))
     assert (output - float64_reference(model, image).float().clamp(0, 1)).abs().max() < 1e-4
     assert list(tmp_path.iterdir()) == []
 
@@ -97,20 +109,29 @@ def test_cpu_allocation_failures_count_as_out_of_memory() -> None:
     assert not is_out_of_memory(ValueError("can't allocate memory"))
 
 
-@pytest.mark.parametrize("mode", ["exact", "overlap"])
-def test_a_failed_cpu_allocation_retries_with_smaller_tiles(monkeypatch, mode) -> None:
+@pytest.mark.parametrize("mode", ["exact", "overlap", "exact with scratch files"])
+def test_a_failed_cpu_allocation_retries_with_smaller_tiles(tmp_path, monkeypatch, mode) -> None:
     """Under ulimit -v or a cgroup limit, torch's CPU allocator raises a RuntimeError: the tile
-    is halved as for CUDA out-of-memory, and the result is unchanged."""
+    is halved as for CUDA out-of-memory, and the result is unchanged. With scratch files the
+    maps are updated in place, so the retried band must start from rows nothing overwrote."""
+    if mode == "exact with scratch files":
+        monkeypatch.setenv("PARAGONSR_SCRATCH", str(tmp_path))
+        mode = "exact"
     model = randomized_model(config_for_variant("nano", 2))
     image = seeded_image(3, 96, 96)
     expected = upscale(model, image, UpscaleSettings(tile=96, mode=mode))
     original = InferenceBlock.ffn_delta
-    failed = []
+    failed, big = [], []
+    # Scratch files: fail in the second band of a pass (two tiles per band), after the first
+    # band was read, computed and queued for writing.
+    fail_at = 2 if "PARAGONSR_SCRATCH" in os.environ else 0
 
     def flaky(self, normed, numerics):
         if normed.shape[-1] > 40 and not failed:
-            failed.append(normed.shape)
-            raise RuntimeError(CPU_ALLOCATION_FAILURE)
+            big.append(normed.shape)
+            if len(big) > fail_at:
+                failed.append(normed.shape)
+                raise RuntimeError(CPU_ALLOCATION_FAILURE)
         return original(self, normed, numerics)
 
     monkeypatch.setattr(InferenceBlock, "ffn_delta", flaky)
