@@ -132,14 +132,14 @@ class StreamedMap:
     def _offset(self, item: int, row: int) -> int:
         return (item * self.shape[2] + row) * self.row_bytes
 
-    def read(self, top: int, bottom: int, buffers: Buffers | None = None) -> torch.Tensor:
-        """Rows [top, bottom) as a [batch, channels, rows, width] CPU tensor (channels-last),
-        in a buffer from ``buffers`` if given (hand it back with ``buffers.give``)."""
+    def read(self, top: int, bottom: int) -> torch.Tensor:
+        """Rows [top, bottom) as a [batch, channels, rows, width] CPU tensor (channels-last):
+        a view in memory, a new tensor from a file."""
         batch, channels, _, width = self.shape
         shape = (batch, bottom - top, width, channels)
         if self._memory is not None:  # a view: the streamer never writes the map it reads
             return self._memory[:, top:bottom].permute(0, 3, 1, 2)
-        rows = buffers.take(shape, self.dtype) if buffers else torch.empty(shape, dtype=self.dtype)
+        rows = torch.empty(shape, dtype=self.dtype)
         for item in range(batch):
             view = memoryview(rows[item].view(torch.uint8).numpy()).cast("B")
             offset, done = self._offset(item, top), 0
@@ -150,13 +150,15 @@ class StreamedMap:
                 done += got
         return rows.permute(0, 3, 1, 2)
 
-    def band(self, top: int, bottom: int, buffers: Buffers) -> torch.Tensor:
+    def band(self, top: int, bottom: int) -> torch.Tensor:
         """Where to compute rows [top, bottom) of this map before :meth:`commit`: the rows
-        themselves in memory, a buffer from ``buffers`` for a file."""
+        themselves in memory, a new tensor for a file."""
         if self._memory is not None:
             return self._memory[:, top:bottom].permute(0, 3, 1, 2)
         batch, channels, _, width = self.shape
-        return buffers.take((batch, bottom - top, width, channels), self.dtype).permute(0, 3, 1, 2)
+        return torch.empty((batch, bottom - top, width, channels), dtype=self.dtype).permute(
+            0, 3, 1, 2
+        )
 
     def commit(self, top: int, band: torch.Tensor) -> None:
         """Store a band from :meth:`band` (in memory it is already in place)."""
@@ -182,37 +184,6 @@ class StreamedMap:
                     f"{self.folder}: {error.strerror or error}; free disk space there, set "
                     "PARAGONSR_SCRATCH to a folder on a larger disk, or use overlap mode"
                 ) from None
-
-
-class Buffers:
-    """Band-sized host buffers, reused from band to band and pass to pass. The kernel zeroes a
-    fresh allocation of this size page by page on first touch, which cost more than the copies
-    into it (tiny x4, 1024x1024: reading the maps into new buffers took 1.6 s of 7.5)."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self.keep = keep
-        self._free: list[torch.Tensor] = []
-        self._ours: set[int] = set()
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor of ``shape`` (contents undefined)."""
-        for index, buffer in enumerate(self._free):
-            if buffer.shape == shape and buffer.dtype == dtype:
-                return self._free.pop(index)
-        buffer = torch.empty(shape, dtype=dtype)
-        self._ours.add(id(buffer))
-        return buffer
-
-    def give(self, tensor: torch.Tensor | None) -> None:
-        """Hand back a tensor from :meth:`take` (or a view of one, via its base); others and
-        None are ignored."""
-        while tensor is not None and id(tensor) not in self._ours:
-            tensor = tensor._base
-        if tensor is None:
-            return
-        self._free.append(tensor)
-        if len(self._free) > self.keep:
-            self._ours.discard(id(self._free.pop(0)))
 
 
 @dataclass
@@ -290,7 +261,6 @@ class ExactStreamer:
         halo: int,
         compute: Compute,
         bytes_per_pixel: int,
-        buffers: Buffers,
         *,
         destination: StreamedMap | None = None,
         store: Finish | None = None,
@@ -312,22 +282,21 @@ class ExactStreamer:
                 destination.commit(top, band)
             elif store is not None:
                 store(top, band)
-            buffers.give(band)
 
         pending: tuple[int, torch.Tensor] | None = None
         top = 0
         while top < height:
             bottom = self.bands(top, height)[0][1]
             rows = read(max(0, top - halo), min(height, bottom + halo))
-            addend = Rows(add.read(top, bottom, buffers), top) if add is not None else None
+            addend = Rows(add.read(top, bottom), top) if add is not None else None
             if pending is not None:  # its rows are read: the band before can be written now
                 finish(*pending)
                 pending = None
             if destination is not None:
-                band = destination.band(top, bottom, buffers)
+                band = destination.band(top, bottom)
             else:
                 shape = (batch, channels, (bottom - top) * scale, width * scale)
-                band = buffers.take(shape, rows.values.dtype)
+                band = torch.empty(shape, dtype=rows.values.dtype)
             band_statistics = self._compute_band(
                 band,
                 (top, bottom),
@@ -341,8 +310,6 @@ class ExactStreamer:
             )
             if statistics is not None:
                 statistics.merge(band_statistics)
-            buffers.give(rows.values)
-            buffers.give(addend.values if addend is not None else None)
             pending = (top, band)
             top = bottom
         if pending is not None:
@@ -421,11 +388,10 @@ class ExactStreamer:
             3 * map_bytes <= available_cpu_memory() // 16
         )
         maps = [StreamedMap(*feature_shape, dtype, in_memory) for _ in range(3 if in_memory else 2)]
-        buffers = Buffers()
 
         def reader(stream: StreamedMap) -> Callable[[int, int], Rows]:
             def read(top: int, bottom: int) -> Rows:
-                values = stream.read(top, bottom, buffers)
+                values = stream.read(top, bottom)
                 return Rows(values.contiguous(memory_format=layout), top)
 
             return read
@@ -437,7 +403,7 @@ class ExactStreamer:
 
         def run(read, halo: int, compute: Compute, channels=features, **options) -> None:
             size = (batch, channels, height, width)
-            self._pass(read, size, halo, compute, next(shapes)[0], buffers, **options)
+            self._pass(read, size, halo, compute, next(shapes)[0], **options)
 
         def shallow(region: Tile) -> torch.Tensor:
             return net.head(source.region(region, device))
