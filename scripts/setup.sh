@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     .venv/bin/pip install --quiet --disable-pip-version-check $torch_spec
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,onnx]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,onnx,ncnn]"
 
 # chaiNNer's own ONNX runtime, pinned as chaiNNer pins it: the tests open every kind of export
 # with it, because a file only counts as chaiNNer-compatible if chaiNNer's versions accept it.
