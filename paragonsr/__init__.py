@@ -23,6 +23,7 @@ from .errors import (
     UpscaleError,
 )
 from .inference import OptimizedParagonSR, optimize_for_inference
+from .ncnn_export import export_ncnn
 from .network import (
     VARIANTS,
     ParagonSR,
@@ -80,6 +81,7 @@ __all__ = [
     "UpscaleSettings",
     "build_model",
     "config_for_variant",
+    "export_ncnn",
     "export_onnx",
     "fuse_for_release",
     "inspect_checkpoint",

@@ -387,7 +387,28 @@ def _tile_size(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        return _export(args)
+    except CheckpointError as error:
+        if "not a ParagonSR checkpoint" not in str(error):
+            raise
+        raise ExportError(
+            f"{error}. Export writes ParagonSR models only, as ONNX (.onnx) or an NCNN pair "
+            "(.param); chaiNNer converts other architectures"
+        ) from None
+
+
+def _export(args: argparse.Namespace) -> int:
     from .checkpoint import NonFiniteWeightsWarning
+
+    suffix = Path(args.output).suffix.lower()
+    if suffix == ".param":
+        return _export_ncnn(args)
+    if suffix != ".onnx":
+        raise ExportError(
+            f"{args.output}: name the output *.onnx (ONNX: chaiNNer, onnxruntime, TensorRT) or "
+            "*.param (NCNN: Upscayl, realesrgan-ncnn-vulkan, chaiNNer)"
+        )
     from .onnx_export import OPSETS, ExportOptions, export_onnx
 
     options = ExportOptions(
@@ -409,6 +430,35 @@ def cmd_export(args: argparse.Namespace) -> int:
             # Such a model's export is refused below, with a message that says why.
             warnings.simplefilter("ignore", NonFiniteWeightsWarning)
             report = export_onnx(args.model, args.output, options, overwrite=args.overwrite)
+    except ExportError as error:
+        if args.model in str(error) or args.output in str(error):
+            raise
+        raise ExportError(f"{args.model}: not exported: {error}") from None
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _export_ncnn(args: argparse.Namespace) -> int:
+    from .checkpoint import NonFiniteWeightsWarning
+    from .ncnn_export import export_ncnn
+
+    onnx_only = {
+        "--opset": args.opset != 17,
+        "--keep-io-fp32": args.keep_io_fp32,
+        "--static": bool(args.static),
+        "--batch 1": args.batch != "dynamic",
+        "--no-mish": args.no_mish,
+    }
+    given = [flag for flag, used in onnx_only.items() if used]
+    if given:
+        raise ExportError(
+            f"{', '.join(given)}: ONNX options; an NCNN pair takes any input size and only "
+            "--fp16 and --overwrite"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonFiniteWeightsWarning)  # refused with a reason
+            report = export_ncnn(args.model, args.output, fp16=args.fp16, overwrite=args.overwrite)
     except ExportError as error:
         if args.model in str(error) or args.output in str(error):
             raise
@@ -699,18 +749,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="export ONNX for chaiNNer, onnxruntime and TensorRT",
-        description="Export the inference-optimized network to ONNX (IR <= 9, opset 14-20, "
-        "one NCHW input in [0, 1]) and verify it: onnx.checker, onnxruntime against torch on a "
-        "random and a natural image, and chaiNNer's strict shape inference.",
+        help="export ONNX (chaiNNer, onnxruntime, TensorRT) or NCNN (Upscayl, "
+        "realesrgan-ncnn-vulkan, chaiNNer)",
+        description="Export the inference-optimized network, chosen by the output's extension: "
+        ".onnx (IR <= 9, opset 14-20, one NCHW input in [0, 1]), verified by onnx.checker, "
+        "onnxruntime against torch on a random and a natural image, and chaiNNer's strict shape "
+        "inference; or .param (an NCNN .param/.bin pair with blobs data and output, in layers "
+        "ncnn 2022 and chaiNNer accept), verified in the ncnn package against torch.",
     )
     export.add_argument("model", help="ParagonSR checkpoint (training or fused)")
-    export.add_argument("output", help="file to write (.onnx)")
+    export.add_argument(
+        "output",
+        help="file to write: .onnx, or .param (its .bin beside it; name it like "
+        "4x-ParagonSR-tiny.param, since Upscayl reads the scale from the name)",
+    )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset, 14-20 (default 17)")
     export.add_argument(
         "--fp16",
         action="store_true",
-        help="half-precision weights and activations (GroupNorm statistics stay fp32)",
+        help="ONNX: half-precision weights and activations (GroupNorm statistics stay fp32); "
+        "NCNN: half-precision weights in the .bin",
     )
     export.add_argument(
         "--keep-io-fp32", action="store_true", help="with --fp16: keep the input and output float32"

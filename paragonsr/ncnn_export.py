@@ -20,13 +20,22 @@ realesrgan-ncnn-vulkan ship), current ncnn and chaiNNer's own .param parser all 
 
 from __future__ import annotations
 
+import os
+import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .inference import OptimizedParagonSR
+from .checkpoint import load_model
+from .errors import ExportError
+from .files import atomic_write
+from .inference import OptimizedParagonSR, optimize_for_inference
+from .network import ParagonSR, not_a_plain_network
+from .tiles import Progress
 
 FP32_TAG = struct.pack("<I", 0)
 FP16_TAG = struct.pack("<I", 0x01306B47)
@@ -46,7 +55,7 @@ ALLOWED_PARAMS = {
     "Split": set(),
     "Slice": {-23300, 1},
     "Concat": {0},
-    "PixelShuffle": {0},
+    "Deconvolution": {0, 1, 3, 4, 5, 6},
 }
 UNARY_SQUARE, UNARY_RSQRT = 4, 6
 BINARY_ADD, BINARY_MUL = 0, 2
@@ -120,6 +129,7 @@ class NcnnGraph:
         depthwise: bool = False,
         activation: int = 0,
         stem: str = "conv",
+        output: str | None = None,
     ) -> str:
         out_channels, _, kernel_h, kernel_w = weight.shape
         params: dict[int, object] = {0: out_channels, 1: kernel_w}
@@ -135,10 +145,12 @@ class NcnnGraph:
         if activation:
             params[9] = activation
         kind = "ConvolutionDepthWise" if depthwise else "Convolution"
-        (output,) = self.layer(kind, [blob], params=params, stem=stem)
+        (result,) = self.layer(
+            kind, [blob], outputs=[output] if output else 1, params=params, stem=stem
+        )
         self.tagged(weight)
         self.raw(bias)
-        return output
+        return result
 
     def batch_norm(self, blob: str, weight: torch.Tensor, bias: torch.Tensor, stem: str) -> str:
         channels = weight.numel()
@@ -156,9 +168,10 @@ class NcnnGraph:
         self.raw(torch.tensor([bias], dtype=torch.float64))
         return output
 
-    def group_norm(self, blob: str, channels: int, eps: float, stem: str) -> str:
-        """GroupNorm(1) without affine (see the module docstring for the layer choice)."""
-        x0, x1 = self.split(blob, 2, stem + "_in")
+    def group_norm(self, inputs: list[str], channels: int, eps: float, stem: str) -> str:
+        """GroupNorm(1) without affine (see the module docstring for the layer choice) of a blob
+        given as two consumers: one for the statistics, one to normalize."""
+        x0, x1 = inputs
         (channel_means,) = self.layer("Pooling", [x0], params={0: 1, 4: 1}, stem=stem + "_mean")
         negated_mean = self.mean_of_channels(channel_means, channels, -1.0, 0.0, stem + "_negmean")
         (centred,) = self.layer(
@@ -188,45 +201,95 @@ def _value(value: object) -> str:
 
 def ncnn_graph(net: OptimizedParagonSR, fp16: bool = False) -> NcnnGraph:
     """The optimized network as NCNN layers, from the same folded weights every other inference
-    path runs."""
-    config = net.config
-    features = config.num_feat
+    path runs.
+
+    Every blob with several consumers goes through one Split with one output per consumer: a
+    Split feeding a Split trips chaiNNer's optimizer, which reads parameter 0 of the layer before
+    a Split whose output meets a two-input BinaryOp, and Split has none.
+    """
+    features = net.config.num_feat
+    scale = net.scale
     graph = NcnnGraph(fp16=fp16)
     (data,) = graph.layer("Input", [], outputs=["data"], stem="data")
+    if scale > 1:
+        data, for_ones = graph.split(data, 2, "data")
     shallow = graph.conv(data, net.conv_in_weight, net.conv_in_bias, stem="conv_in")
-    current, shallow_skip = graph.split(shallow, 2, "shallow")
+    # The shallow features: the long skip, the first group's skip, and the first block's input.
+    shallow_skip, group_skip, *block_input = graph.split(shallow, 5, "shallow")
     for g, group in enumerate(net.groups):
-        current, group_skip = graph.split(current, 2, f"group{g}")
         for b, block in enumerate(group):
-            stem = f"g{g}b{b}"
-            current = _block(graph, block, current, features, stem)
-        (current,) = graph.layer(
-            "BinaryOp", [current, group_skip], params={0: BINARY_ADD}, stem=f"group{g}_out"
-        )
-    deep = graph.conv(current, net.conv_fuse_weight, net.conv_fuse_bias, stem="conv_fuse")
+            last_in_group = b == len(group) - 1
+            output = _block(graph, block, block_input, features, f"g{g}b{b}")
+            if last_in_group:
+                (output,) = graph.layer(
+                    "BinaryOp", [output, group_skip], params={0: BINARY_ADD}, stem=f"group{g}"
+                )
+                last_group = g == len(net.groups) - 1
+                if last_group:
+                    body_output = output
+                    break
+                group_skip, *block_input = graph.split(output, 4, f"group{g}")
+            else:
+                block_input = graph.split(output, 3, f"g{g}b{b}")
+    deep = graph.conv(body_output, net.conv_fuse_weight, net.conv_fuse_bias, stem="conv_fuse")
     (body,) = graph.layer("BinaryOp", [deep, shallow_skip], params={0: BINARY_ADD}, stem="body")
-    upsampled = graph.conv(body, net.up_weight, net.up_bias, stem="upsample")
-    (shuffled,) = graph.layer("PixelShuffle", [upsampled], params={0: net.scale}, stem="shuffle")
-    (output,) = _named_output(graph, shuffled, net)
+    if scale > 1:
+        upsampled = _upsample(graph, body, for_ones, net)
+    else:
+        upsampled = graph.conv(body, net.up_weight, net.up_bias, stem="upsample")
+    out_weight, out_bias = net.out_weight, net.out_bias
+    graph.conv(upsampled, out_weight, out_bias, stem="conv_out", output="output")
     return graph
 
 
-def _named_output(graph: NcnnGraph, blob: str, net: OptimizedParagonSR) -> list[str]:
-    out_channels = net.out_weight.shape[0]
-    (output,) = graph.layer(
-        "Convolution",
-        [blob],
-        outputs=["output"],
-        params={0: out_channels, 1: 3, 4: SAME, 5: 1, 6: net.out_weight.numel()},
-        stem="conv_out",
-    )
-    graph.tagged(net.out_weight)
-    graph.raw(net.out_bias)
-    return [output]
+def upsampler_kernel(up_weight: torch.Tensor, up_bias: torch.Tensor, scale: int) -> torch.Tensor:
+    """The upsampler (3x3 convolution to features*s^2, PixelShuffle) as one transposed
+    convolution: kernel 3s, stride s, padding s, from the features plus a channel of ones that
+    carries the bias. [out, in + 1, 3s, 3s], ncnn's Deconvolution layout.
+
+    Output row ``s*y + a`` gets input row ``y + dy - 1`` through the convolution's tap ``dy``, which
+    is the transposed kernel's row ``a + s*(2 - dy)``; the bias, the same for every tap of an
+    output phase, rides on the centre tap of the ones channel, which is zero outside the image
+    like the features: borders stay exact."""
+    channels_s2, features = up_weight.shape[:2]
+    out_channels = channels_s2 // scale**2
+    kernel = torch.zeros(out_channels, features + 1, 3 * scale, 3 * scale, dtype=torch.float64)
+    weight = up_weight.double().view(out_channels, scale, scale, features, 3, 3)
+    bias = up_bias.double().view(out_channels, scale, scale)
+    for a in range(scale):
+        for b in range(scale):
+            for dy in range(3):
+                for dx in range(3):
+                    row, column = a + scale * (2 - dy), b + scale * (2 - dx)
+                    kernel[:, :features, row, column] = weight[:, a, b, :, dy, dx]
+            kernel[:, features, a + scale, b + scale] = bias[:, a, b]
+    return kernel
 
 
-def _block(graph: NcnnGraph, block, x: str, features: int, stem: str) -> str:
-    residual, to_norm = graph.split(x, 2, stem + "_x")
+def _upsample(graph: NcnnGraph, body: str, image: str, net: OptimizedParagonSR) -> str:
+    """The upsampler as a Deconvolution, not convolution + PixelShuffle: chaiNNer reads a model's
+    output channels as the last convolution's divided by the PixelShuffle factors squared, which
+    for ParagonSR's layout (PixelShuffle before conv_out) is 3 // s^2 = 0 and makes the model
+    unusable there; a Deconvolution counts as the scale and leaves conv_out's 3 channels."""
+    scale = net.scale
+    # A 1x1 convolution of the image with zero weights and bias 1: ones inside the image.
+    ones = graph.conv(image, torch.zeros(1, image_channels(net), 1, 1), torch.ones(1), stem="ones")
+    (joined,) = graph.layer("Concat", [body, ones], params={0: 0}, stem="body_and_ones")
+    kernel = upsampler_kernel(net.up_weight, net.up_bias, scale)
+    params = {0: kernel.shape[0], 1: 3 * scale, 3: scale, 4: scale, 5: 0, 6: kernel.numel()}
+    (upsampled,) = graph.layer("Deconvolution", [joined], params=params, stem="upsample")
+    graph.tagged(kernel)
+    return upsampled
+
+
+def image_channels(net: OptimizedParagonSR) -> int:
+    return net.conv_in_weight.shape[1]
+
+
+def _block(graph: NcnnGraph, block, inputs: list[str], features: int, stem: str) -> str:
+    """One block from its input's three consumers: the residual, and the norm's statistics and
+    centring (one three-way Split made by the caller)."""
+    residual, to_norm = inputs[0], inputs[1:]
     normed = graph.group_norm(to_norm, features, block.eps1, stem + "_norm1")
     normed = graph.batch_norm(normed, block.norm1_weight, block.norm1_bias, stem + "_affine1")
     sizes = list(block.split_sizes)
@@ -253,7 +316,7 @@ def _block(graph: NcnnGraph, block, x: str, features: int, stem: str) -> str:
     (mixed,) = graph.layer(
         "BinaryOp", [residual, context], params={0: BINARY_ADD}, stem=stem + "_mixed"
     )
-    residual, to_norm = graph.split(mixed, 2, stem + "_m")
+    residual, *to_norm = graph.split(mixed, 3, stem + "_mixed")
     normed = graph.group_norm(to_norm, features, block.eps2, stem + "_norm2")
     to_gate, to_value = graph.split(normed, 2, stem + "_normed2")
     hidden = block.hidden
@@ -279,7 +342,7 @@ def _block(graph: NcnnGraph, block, x: str, features: int, stem: str) -> str:
     )
     (gated,) = graph.layer("BinaryOp", [gate, value], params={0: BINARY_MUL}, stem=stem + "_gated")
     delta = graph.conv(gated, block.project_out_weight, block.project_out_bias, stem=stem + "_out")
-    (output,) = graph.layer("BinaryOp", [residual, delta], params={0: BINARY_ADD}, stem=stem + "_y")
+    (output,) = graph.layer("BinaryOp", [residual, delta], params={0: BINARY_ADD}, stem=stem)
     return output
 
 
@@ -310,3 +373,216 @@ def run_with_ncnn(param_text: str, weights: bytes, image: torch.Tensor, threads:
         if status != 0:
             raise RuntimeError(f"ncnn failed to run the exported pair (status {status})")
         return torch.from_numpy(np.array(result).copy())[None]
+
+
+# Upscayl's binary reads the scale from the model's name: the first of these substrings present
+# wins (so "x1" in "x16" reads as 1), and a name with none of them means x4.
+UPSCAYL_SCALE_MARKERS = (
+    (1, ("x1", "1x")),
+    (2, ("x2", "2x")),
+    (3, ("x3", "3x")),
+    (4, ("x4", "4x")),
+    (8, ("x8", "8x")),
+    (16, ("x16", "16x")),
+)
+UPSCAYL_DEFAULT_SCALE = 4
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 5e-3
+EXPORT_STEPS = 4  # load, build, write, verify
+
+
+def upscayl_scale(name: str) -> int:
+    """The scale Upscayl's binary would read from a model file's name (without its suffix)."""
+    for scale, markers in UPSCAYL_SCALE_MARKERS:
+        if any(marker in name for marker in markers):
+            return scale
+    return UPSCAYL_DEFAULT_SCALE
+
+
+def name_for_upscayl(stem: str, scale: int) -> str:
+    """``stem`` with every scale-like substring removed and ``{scale}x-`` in front: a name
+    Upscayl reads as ``scale``."""
+    cleaned = re.sub(r"(?i)x\d+|\d+x", "", stem).strip("-_ .") or "ParagonSR"
+    return f"{scale}x-{cleaned}"
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What chaiNNer's NCNN loader concludes about a pair from its .param alone (it never runs
+    the model): walking the layers in order, each PixelShuffle multiplies the scale, each
+    Deconvolution multiplies it by its stride, each Convolution divides it by its stride; the
+    first convolution's weight count gives the input channels; the last convolution's outputs
+    divided by the square of all PixelShuffle factors give the output channels."""
+
+    scale: float
+    in_channels: int
+    out_channels: int
+
+
+def host_view(param_text: str) -> HostView:
+    scale, shuffle, in_channels, last_outputs = 1.0, 1, 0, 0
+    for line in param_text.splitlines()[2:]:
+        kind, _, inputs, outputs, *rest = line.split()
+        params = dict(p.split("=") for p in rest[int(inputs) + int(outputs) :])
+        if kind == "PixelShuffle":
+            scale *= int(params.get("0", 1))
+            shuffle *= int(params.get("0", 1))
+        elif kind in ("Convolution", "ConvolutionDepthWise", "Deconvolution"):
+            if not in_channels:
+                kernel_w = int(params.get("1", 0))
+                kernel_h = int(params.get("11", kernel_w))
+                in_channels = int(params["6"]) // int(params["0"]) // kernel_w // kernel_h
+            stride = int(params.get("3", 1))
+            scale = scale * stride if kind == "Deconvolution" else scale / stride
+            last_outputs = int(params["0"])
+    return HostView(scale, in_channels, last_outputs // shuffle**2)
+
+
+@dataclass
+class NcnnReport:
+    """What the NCNN export wrote and checked; ``lines()`` gives the printable report."""
+
+    param: str
+    weights: str
+    precision: str
+    layers: int
+    scale: int
+    max_abs_random: float | None
+    max_abs_natural: float | None
+    ncnn_version: str
+    host_view: HostView
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"wrote {self.param} and {self.weights} ({self.precision} weights, {self.layers} "
+            f"layers; blobs data -> output, RGB in [0, 1], x{self.scale})"
+        ]
+        if self.max_abs_random is None:
+            lines.append("not verified: the ncnn package is missing (pip install ncnn)")
+        else:
+            lines.append(
+                f"ncnn {self.ncnn_version} (CPU, fp32 arithmetic) vs torch, max abs diff of the "
+                f"[0, 1] output: seeded random image {self.max_abs_random:.3g}, natural image "
+                f"{self.max_abs_natural:.3g}"
+            )
+        view = self.host_view
+        lines.append(
+            "layers: ncnn 2022 set (Upscayl, realesrgan-ncnn-vulkan), no GroupNorm/MemoryData; "
+            f"chaiNNer reads scale {view.scale:g}, channels {view.in_channels} -> "
+            f"{view.out_channels}"
+        )
+        if self.precision == "fp16":
+            lines.append(
+                "fp16: chaiNNer switches on fp16 arithmetic for a model whose first convolution "
+                "is fp16; GroupNorm's statistics then run in fp16 too, which can cost accuracy "
+                "on some images - use the fp32 pair there"
+            )
+        return lines
+
+
+def export_ncnn(
+    source: str | os.PathLike | ParagonSR,
+    output: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    overwrite: bool = False,
+    tick: Callable[[int, int], None] | None = None,
+) -> NcnnReport:
+    """Export a ParagonSR checkpoint (or model) to an NCNN pair ``output`` (``.param``) plus the
+    ``.bin`` beside it, then verify it in the ``ncnn`` package when that is installed. Raises
+    :class:`ExportError` and leaves no file when anything fails."""
+    step = Progress(tick, total=EXPORT_STEPS).step
+    if isinstance(source, torch.nn.Module) and not isinstance(source, ParagonSR):
+        raise ExportError(not_a_plain_network(source, "export_ncnn"))
+    param_path = Path(output)
+    if param_path.suffix.lower() != ".param":
+        raise ExportError(f"{param_path}: name the output *.param (its .bin is written beside it)")
+    bin_path = param_path.with_suffix(".bin")
+    for path in (param_path, bin_path):
+        if path.is_dir():
+            raise ExportError(f"{path}: is a folder; name the .param file to write")
+        if path.exists() and not overwrite:
+            raise ExportError(f"{path}: already exists. Pass --overwrite to replace it")
+    if not param_path.parent.is_dir():
+        raise ExportError(f"{param_path}: the output folder does not exist. Create it first")
+    if not os.access(param_path.parent, os.W_OK):
+        raise ExportError(f"{param_path}: the output folder is not writable")
+
+    model = source if isinstance(source, ParagonSR) else load_model(source)
+    config = model.config
+    if config.in_chans != 3 or config.out_chans != 3:
+        raise ExportError(
+            f"the model has {config.in_chans} input and {config.out_chans} output channels; NCNN "
+            "hosts (Upscayl, realesrgan-ncnn-vulkan, chaiNNer) feed and read RGB: export ONNX "
+            "for other channel counts"
+        )
+    read = upscayl_scale(param_path.stem)
+    if read != config.scale:
+        suggestion = name_for_upscayl(param_path.stem, config.scale) + ".param"
+        raise ExportError(
+            f"{param_path}: Upscayl would read this name as x{read} but the model is "
+            f"x{config.scale}; name it {suggestion}"
+        )
+    step()
+    net = optimize_for_inference(model.float().cpu(), channels_last=False)
+    graph = ncnn_graph(net, fp16=fp16)
+    text, weights = graph.param_text(), graph.bin_bytes()
+    step()
+    report = NcnnReport(
+        param=str(param_path),
+        weights=str(bin_path),
+        precision="fp16" if fp16 else "fp32",
+        layers=len(graph.lines),
+        scale=config.scale,
+        max_abs_random=None,
+        max_abs_natural=None,
+        ncnn_version="",
+        host_view=host_view(text),
+    )
+    if report.host_view != HostView(config.scale, 3, 3):
+        raise ExportError(f"chaiNNer would misread this pair ({report.host_view}); not written")
+    # The .bin goes in last: a reader that finds the .param finds its weights.
+    with atomic_write(param_path) as param_temporary, atomic_write(bin_path) as bin_temporary:
+        param_temporary.write_text(text)
+        bin_temporary.write_bytes(weights)
+        step()
+        _verify(model, text, weights, report, fp16)
+        step()
+    return report
+
+
+def _verify(model: ParagonSR, text: str, weights: bytes, report: NcnnReport, fp16: bool) -> None:
+    try:
+        import ncnn
+    except ImportError:
+        return  # the report says so
+    from .onnx_export import _natural_image
+
+    config = model.config
+    random_image = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(1))
+    errors = []
+    for image in (random_image, _natural_image(3)):
+        with torch.no_grad():
+            expected = model.float()(image).clamp(0, 1)
+        if not torch.isfinite(expected).all():
+            raise ExportError(
+                "the model itself outputs NaN or inf on the check images: its weights hold "
+                "NaN/inf or its activations overflow. Nothing was written"
+            )
+        actual = run_with_ncnn(text, weights, image).clamp(0, 1)
+        if actual.shape != expected.shape:
+            raise ExportError(
+                f"ncnn returned {tuple(actual.shape)} where torch gives "
+                f"{tuple(expected.shape)}; nothing was written"
+            )
+        if not torch.isfinite(actual).all():
+            raise ExportError("ncnn outputs NaN or inf where torch does not; nothing was written")
+        errors.append((actual - expected).abs().max().item())
+    limit = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    if max(errors) > limit:
+        raise ExportError(
+            f"ncnn differs from torch by {max(errors):.3g} (limit {limit:.3g}, x{config.scale}); "
+            "nothing was written"
+        )
+    report.max_abs_random, report.max_abs_natural = errors
+    report.ncnn_version = getattr(ncnn, "__version__", "?")

@@ -10,6 +10,7 @@ from paragonsr import (
     ExportOptions,
     ParagonSR,
     UpscaleSettings,
+    export_ncnn,
     export_onnx,
     fuse_for_release,
     load_descriptor,
@@ -243,10 +244,11 @@ class ExportParagonSRONNX(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ParagonSRExportONNX",
-            display_name="Export ParagonSR ONNX",
+            display_name="Export ParagonSR (ONNX / NCNN)",
             category=CATEGORY,
-            description="Write an ONNX file for chaiNNer, onnxruntime and TensorRT into the "
-            "output folder, verified before it is kept.",
+            description="Write an ONNX file (chaiNNer, onnxruntime, TensorRT) or an NCNN "
+            ".param/.bin pair (Upscayl, realesrgan-ncnn-vulkan, chaiNNer) into the output "
+            "folder, verified before it is kept.",
             is_output_node=True,
             inputs=[
                 io.UpscaleModel.Input("upscale_model", tooltip="A ParagonSR model."),
@@ -274,6 +276,15 @@ class ExportParagonSRONNX(io.ComfyNode):
                     max=8192,
                     tooltip="0: dynamic height and width; N: fixed N x N input.",
                 ),
+                # Last, so that workflows saved before it existed keep their widget order.
+                io.Combo.Input(
+                    "format",
+                    options=["ONNX", "NCNN"],
+                    default="ONNX",
+                    tooltip="ONNX: one .onnx file. NCNN: a .param/.bin pair named "
+                    "Nx-<prefix> (Upscayl reads the scale from the name); opset and "
+                    "static_size apply to ONNX only.",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="path"),
@@ -283,9 +294,28 @@ class ExportParagonSRONNX(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, upscale_model, filename_prefix="ParagonSR", opset=17, fp16=False, static_size=0
+        cls,
+        upscale_model,
+        filename_prefix="ParagonSR",
+        opset=17,
+        fp16=False,
+        static_size=0,
+        format="ONNX",  # noqa: A002 - the input's name in saved workflows
     ):
         model = paragonsr_model(upscale_model)
+        if format == "NCNN":
+            scale = model.model.config.scale
+            folder = comfy_bridge.output_directory()
+            path = comfy_bridge.numbered(folder, f"{scale}x-{filename_prefix}", ".param")
+            with torch.inference_mode(False):
+                report = export_ncnn(
+                    independent_copy(model).model,
+                    path,
+                    fp16=fp16,
+                    tick=comfy_bridge.progress_ticker(),
+                )
+            text = "\n".join(report.lines())
+            return io.NodeOutput(str(path), text, ui=comfy_bridge.show_text(text))
         options = ExportOptions(
             opset=opset, fp16=fp16, static=(static_size, static_size) if static_size else None
         )
