@@ -281,6 +281,7 @@ class ExportParagonSRONNX(io.ComfyNode):
                     "format",
                     options=["ONNX", "NCNN"],
                     default="ONNX",
+                    optional=True,  # workflows saved before it existed must still validate
                     tooltip="ONNX: one .onnx file. NCNN: a .param/.bin pair named "
                     "Nx-<prefix> (Upscayl reads the scale from the name); opset and "
                     "static_size apply to ONNX only.",
@@ -304,7 +305,7 @@ class ExportParagonSRONNX(io.ComfyNode):
     ):
         model = paragonsr_model(upscale_model)
         if format == "NCNN":
-            scale = model.model.config.scale
+            scale = model.config.scale
             folder = comfy_bridge.output_directory()
             path = comfy_bridge.numbered(folder, f"{scale}x-{filename_prefix}", ".param")
             with torch.inference_mode(False):

@@ -237,6 +237,22 @@ def test_fuse_export_and_train_write_their_files(comfy) -> None:
     assert "PSNR" in result["outputs"]["1"]["text"][0]
 
 
+def test_the_export_node_writes_an_ncnn_pair(comfy) -> None:
+    graph = workflow("export_onnx_api.json", "e2e_ncnn")
+    graph["2"]["inputs"]["format"] = "NCNN"
+    result = comfy.run(graph)
+    messages = result["status"]["messages"]
+    errors = [m[1].get("exception_message") for m in messages if m[0] == "execution_error"]
+    assert result["status"]["status_str"] == "success", errors
+    # Named for Upscayl, which reads the scale from the name.
+    [param] = (comfy.root / "output").glob("2x-paragonsr_nano_x2_*.param")
+    weights = param.with_suffix(".bin")
+    assert weights.stat().st_size > 100_000
+    report = result["outputs"]["2"]["text"][0]
+    assert report.startswith(f"wrote {param} and {weights} (fp32 weights")
+    assert "chaiNNer reads scale 2, channels 3 -> 3" in report
+
+
 def test_bad_input_is_a_node_error(comfy) -> None:
     graph = workflow("export_onnx_api.json", "e2e_bad")
     graph["2"]["inputs"]["filename_prefix"] = "../escape"
