@@ -45,7 +45,7 @@ SAME = -233
 # Vulkan kernel there, and chaiNNer's parser knows it. A test holds the files to this list.
 ALLOWED_PARAMS = {
     "Input": set(),
-    "Convolution": {0, 1, 4, 5, 6, 9},
+    "Convolution": {0, 1, 11, 4, 5, 6, 9},
     "ConvolutionDepthWise": {0, 1, 11, 4, 5, 6, 7, 9},
     "Pooling": {0, 4},
     "InnerProduct": {0, 1, 2},
@@ -55,7 +55,8 @@ ALLOWED_PARAMS = {
     "Split": set(),
     "Slice": {-23300, 1},
     "Concat": {0},
-    "Deconvolution": {0, 1, 3, 4, 5, 6},
+    "PixelShuffle": {0},
+    "Crop": {-23309, -23310, -23311},
 }
 UNARY_SQUARE, UNARY_RSQRT = 4, 6
 BINARY_ADD, BINARY_MUL = 0, 2
@@ -208,11 +209,8 @@ def ncnn_graph(net: OptimizedParagonSR, fp16: bool = False) -> NcnnGraph:
     a Split whose output meets a two-input BinaryOp, and Split has none.
     """
     features = net.config.num_feat
-    scale = net.scale
     graph = NcnnGraph(fp16=fp16)
     (data,) = graph.layer("Input", [], outputs=["data"], stem="data")
-    if scale > 1:
-        data, for_ones = graph.split(data, 2, "data")
     shallow = graph.conv(data, net.conv_in_weight, net.conv_in_bias, stem="conv_in")
     # The shallow features: the long skip, the first group's skip, and the first block's input.
     shallow_skip, group_skip, *block_input = graph.split(shallow, 5, "shallow")
@@ -233,57 +231,137 @@ def ncnn_graph(net: OptimizedParagonSR, fp16: bool = False) -> NcnnGraph:
                 block_input = graph.split(output, 3, f"g{g}b{b}")
     deep = graph.conv(body_output, net.conv_fuse_weight, net.conv_fuse_bias, stem="conv_fuse")
     (body,) = graph.layer("BinaryOp", [deep, shallow_skip], params={0: BINARY_ADD}, stem="body")
-    if scale > 1:
-        upsampled = _upsample(graph, body, for_ones, net)
-    else:
-        upsampled = graph.conv(body, net.up_weight, net.up_bias, stem="upsample")
-    out_weight, out_bias = net.out_weight, net.out_bias
-    graph.conv(upsampled, out_weight, out_bias, stem="conv_out", output="output")
+    _tail(graph, body, net)
     return graph
 
 
-def upsampler_kernel(up_weight: torch.Tensor, up_bias: torch.Tensor, scale: int) -> torch.Tensor:
-    """The upsampler (3x3 convolution to features*s^2, PixelShuffle) as one transposed
-    convolution: kernel 3s, stride s, padding s, from the features plus a channel of ones that
-    carries the bias. [out, in + 1, 3s, 3s], ncnn's Deconvolution layout.
-
-    Output row ``s*y + a`` gets input row ``y + dy - 1`` through the convolution's tap ``dy``, which
-    is the transposed kernel's row ``a + s*(2 - dy)``; the bias, the same for every tap of an
-    output phase, rides on the centre tap of the ones channel, which is zero outside the image
-    like the features: borders stay exact."""
-    channels_s2, features = up_weight.shape[:2]
-    out_channels = channels_s2 // scale**2
-    kernel = torch.zeros(out_channels, features + 1, 3 * scale, 3 * scale, dtype=torch.float64)
-    weight = up_weight.double().view(out_channels, scale, scale, features, 3, 3)
-    bias = up_bias.double().view(out_channels, scale, scale)
+def polyphase_kernel(out_weight: torch.Tensor, scale: int) -> torch.Tensor:
+    """conv_out (3x3 at high resolution, after PixelShuffle) as a 3x3 low-resolution kernel from
+    the upsampler's features*s^2 channels to out*s^2 phase channels (PixelShuffle's order). With
+    zero padding at low resolution it equals conv_out exactly, borders included: the padding row
+    a high-resolution border pixel reads lies in the low-resolution padding row."""
+    out_channels, features = out_weight.shape[:2]
+    kernel = torch.zeros(
+        out_channels, scale, scale, features, scale, scale, 3, 3, dtype=torch.float64
+    )
     for a in range(scale):
         for b in range(scale):
-            for dy in range(3):
-                for dx in range(3):
-                    row, column = a + scale * (2 - dy), b + scale * (2 - dx)
-                    kernel[:, :features, row, column] = weight[:, a, b, :, dy, dx]
-            kernel[:, features, a + scale, b + scale] = bias[:, a, b]
-    return kernel
+            for dy in (-1, 0, 1):
+                row, a2 = divmod(a + dy, scale)
+                for dx in (-1, 0, 1):
+                    column, b2 = divmod(b + dx, scale)
+                    kernel[:, a, b, :, a2, b2, row + 1, column + 1] += out_weight[
+                        :, :, dy + 1, dx + 1
+                    ].double()
+    return kernel.reshape(out_channels * scale**2, features * scale**2, 3, 3)
 
 
-def _upsample(graph: NcnnGraph, body: str, image: str, net: OptimizedParagonSR) -> str:
-    """The upsampler as a Deconvolution, not convolution + PixelShuffle: chaiNNer reads a model's
-    output channels as the last convolution's divided by the PixelShuffle factors squared, which
-    for ParagonSR's layout (PixelShuffle before conv_out) is 3 // s^2 = 0 and makes the model
-    unusable there; a Deconvolution counts as the scale and leaves conv_out's 3 channels."""
-    scale = net.scale
-    # A 1x1 convolution of the image with zero weights and bias 1: ones inside the image.
-    ones = graph.conv(image, torch.zeros(1, image_channels(net), 1, 1), torch.ones(1), stem="ones")
-    (joined,) = graph.layer("Concat", [body, ones], params={0: 0}, stem="body_and_ones")
-    kernel = upsampler_kernel(net.up_weight, net.up_bias, scale)
-    params = {0: kernel.shape[0], 1: 3 * scale, 3: scale, 4: scale, 5: 0, 6: kernel.numel()}
-    (upsampled,) = graph.layer("Deconvolution", [joined], params=params, stem="upsample")
-    graph.tagged(kernel)
-    return upsampled
+@dataclass(frozen=True)
+class BorderTerms:
+    """What the collapsed 5x5 tail gets wrong, per border, as convolutions of the tail input's
+    outermost row or column. The collapsed kernel is conv_out's polyphase kernel applied to the
+    upsampler's output *extended* one pixel beyond the image (bias plus a partial convolution
+    there), where the real network has zero padding: the difference is the polyphase kernel over
+    that one-pixel ring. A ring row reads only the image's outermost row, so the top and bottom
+    terms are one 1x5 convolution plus a constant (the ring row has all its pixels, corners
+    included); the left and right terms take the ring column without its corners (counted in the
+    rows) as two 3x1 convolutions, so that the ring ends where the image does."""
+
+    top: tuple[torch.Tensor, torch.Tensor]
+    bottom: tuple[torch.Tensor, torch.Tensor]
+    left: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    right: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def image_channels(net: OptimizedParagonSR) -> int:
-    return net.conv_in_weight.shape[1]
+def border_terms(net: OptimizedParagonSR) -> BorderTerms:
+    polyphase = polyphase_kernel(net.out_weight, net.scale)
+    up_weight, up_bias = net.up_weight.double(), net.up_bias.double()
+
+    def ring_row(polyphase_row: int, up_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = torch.zeros(polyphase.shape[0], up_weight.shape[1], 1, 5, dtype=torch.float64)
+        for dx in range(3):
+            for dx_up in range(3):
+                kernel[:, :, 0, dx + dx_up] += (
+                    polyphase[:, :, polyphase_row, dx] @ up_weight[:, :, up_row, dx_up]
+                )
+        bias = sum(polyphase[:, :, polyphase_row, dx] @ up_bias for dx in range(3))
+        return kernel, bias
+
+    def ring_column(polyphase_column: int, up_column: int):
+        return (
+            up_weight[:, :, :, up_column : up_column + 1],
+            up_bias,
+            polyphase[:, :, :, polyphase_column : polyphase_column + 1],
+        )
+
+    return BorderTerms(ring_row(0, 2), ring_row(2, 0), ring_column(0, 2), ring_column(2, 0))
+
+
+def _crop(graph: NcnnGraph, blob: str, axis: int, start: int, end: int, stem: str) -> str:
+    """Rows (axis 1) or columns (axis 2) [start, end) of a [C, H, W] blob; negative counts from
+    the end and SAME (-233) means the end, as in ncnn's numpy-style Crop (there since 2021)."""
+    params = {-23309: [start], -23310: [end], -23311: [axis]}
+    (cropped,) = graph.layer("Crop", [blob], params=params, stem=stem)
+    return cropped
+
+
+def _tail(graph: NcnnGraph, body: str, net: OptimizedParagonSR) -> None:
+    """Upsampler and conv_out, exact: the collapsed 5x5 kernel torch runs, with its outermost
+    output pixels corrected by :class:`BorderTerms`, then one PixelShuffle.
+
+    Written this way, not as convolution, PixelShuffle, convolution: chaiNNer derives a model's
+    output channels from the last convolution divided by the PixelShuffle factors squared (0 for
+    ParagonSR's own order), and the collapsed kernel is a quarter of the work. Needs inputs of
+    at least 3x3 pixels (every host tiles far larger)."""
+    terms = border_terms(net)
+    channels = net.tail_weight.shape[0]
+    to_main, to_top, to_bottom, to_left, to_right = graph.split(body, 5, "tail_in")
+    main = graph.conv(to_main, net.tail_weight, net.tail_bias, stem="tail")
+    # Each correction is computed negated, so that it is added (see group_norm on SUB).
+    corrections = {}
+    for side, axis, (start, end) in (("top", 1, (0, 1)), ("bottom", 1, (-1, SAME))):
+        kernel, bias = getattr(terms, side)
+        edge = _crop(graph, to_top if side == "top" else to_bottom, axis, start, end, side)
+        corrections[side] = graph.conv(edge, -kernel, -bias, stem=f"tail_{side}")
+    for side, (start, end) in (("left", (0, 1)), ("right", (-1, SAME))):
+        up_weight, up_bias, polyphase = getattr(terms, side)
+        edge = _crop(graph, to_left if side == "left" else to_right, 2, start, end, side)
+        ring = graph.conv(edge, up_weight, up_bias, stem=f"tail_{side}_ring")
+        zero = torch.zeros(channels, dtype=torch.float64)
+        corrections[side] = graph.conv(ring, -polyphase, zero, stem=f"tail_{side}")
+    left, middle, right = graph.split(main, 3, "tail_columns")
+    left = _crop(graph, left, 2, 0, 1, "tail_left_column")
+    middle = _crop(graph, middle, 2, 1, -1, "tail_middle_columns")
+    right = _crop(graph, right, 2, -1, SAME, "tail_right_column")
+    (left,) = graph.layer(
+        "BinaryOp", [left, corrections["left"]], params={0: BINARY_ADD}, stem="tail_left_fixed"
+    )
+    (right,) = graph.layer(
+        "BinaryOp", [right, corrections["right"]], params={0: BINARY_ADD}, stem="tail_right_fixed"
+    )
+    (columns,) = graph.layer(
+        "Concat", [left, middle, right], params={0: 2}, stem="tail_columns_fixed"
+    )
+    top, middle, bottom = graph.split(columns, 3, "tail_rows")
+    top = _crop(graph, top, 1, 0, 1, "tail_top_row")
+    middle = _crop(graph, middle, 1, 1, -1, "tail_middle_rows")
+    bottom = _crop(graph, bottom, 1, -1, SAME, "tail_bottom_row")
+    (top,) = graph.layer(
+        "BinaryOp", [top, corrections["top"]], params={0: BINARY_ADD}, stem="tail_top_fixed"
+    )
+    (bottom,) = graph.layer(
+        "BinaryOp",
+        [bottom, corrections["bottom"]],
+        params={0: BINARY_ADD},
+        stem="tail_bottom_fixed",
+    )
+    if net.scale == 1:
+        graph.layer(
+            "Concat", [top, middle, bottom], outputs=["output"], params={0: 1}, stem="tail_fixed"
+        )
+        return
+    (fixed,) = graph.layer("Concat", [top, middle, bottom], params={0: 1}, stem="tail_fixed")
+    graph.layer("PixelShuffle", [fixed], outputs=["output"], params={0: net.scale}, stem="shuffle")
 
 
 def _block(graph: NcnnGraph, block, inputs: list[str], features: int, stem: str) -> str:

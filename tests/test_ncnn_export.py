@@ -42,6 +42,19 @@ def test_variants_and_scales_at_sizes_never_seen(variant, scale) -> None:
         assert (output.double() - expected).abs().max().item() < tolerance
 
 
+@pytest.mark.parametrize(("height", "width"), [(3, 3), (3, 17), (16, 3)])
+def test_the_corrected_tail_is_exact_down_to_3x3(height, width) -> None:
+    """The collapsed 5x5 tail plus its border terms (every output pixel next to a border) on
+    the smallest inputs the pair serves."""
+    model = randomized_model(config_for_variant("tiny", 4))
+    graph = ncnn_graph(optimize_for_inference(model))
+    image = seeded_image(3, height, width, seed=width)
+    output = run_with_ncnn(graph.param_text(), graph.bin_bytes(), image)
+    expected = float64_reference(model, image)
+    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    assert (output.double() - expected).abs().max().item() < tolerance
+
+
 def test_only_layers_and_parameters_every_host_accepts() -> None:
     """ncnn 2022 (Upscayl, realesrgan-ncnn-vulkan), current ncnn and chaiNNer's parser: the list
     in ALLOWED_PARAMS. Floats carry a "." and a lowercase "e"; blobs are data and output."""
@@ -195,7 +208,8 @@ def test_a_failed_verification_leaves_no_file(tmp_path, monkeypatch) -> None:
 def test_chainner_reads_scale_and_channels_from_the_param(scale) -> None:
     """chaiNNer's documented reading of a .param (see host_view): the exported layout gives the
     model's scale and 3 -> 3; ParagonSR's own layout (PixelShuffle, then conv_out) would give 0
-    output channels, which is why the upsampler is written as a Deconvolution."""
+    output channels, which is why the tail is written as one collapsed convolution (plus border
+    terms) followed by the PixelShuffle."""
     model = randomized_model(config_for_variant("nano", scale))
     text = ncnn_graph(optimize_for_inference(model)).param_text()
     assert host_view(text) == HostView(scale, 3, 3)
