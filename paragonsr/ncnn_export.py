@@ -329,39 +329,26 @@ def _tail(graph: NcnnGraph, body: str, net: OptimizedParagonSR) -> None:
         ring = graph.conv(edge, up_weight, up_bias, stem=f"tail_{side}_ring")
         zero = torch.zeros(channels, dtype=torch.float64)
         corrections[side] = graph.conv(ring, -polyphase, zero, stem=f"tail_{side}")
-    left, middle, right = graph.split(main, 3, "tail_columns")
-    left = _crop(graph, left, 2, 0, 1, "tail_left_column")
-    middle = _crop(graph, middle, 2, 1, -1, "tail_middle_columns")
-    right = _crop(graph, right, 2, -1, SAME, "tail_right_column")
-    (left,) = graph.layer(
-        "BinaryOp", [left, corrections["left"]], params={0: BINARY_ADD}, stem="tail_left_fixed"
-    )
-    (right,) = graph.layer(
-        "BinaryOp", [right, corrections["right"]], params={0: BINARY_ADD}, stem="tail_right_fixed"
-    )
-    (columns,) = graph.layer(
-        "Concat", [left, middle, right], params={0: 2}, stem="tail_columns_fixed"
-    )
-    top, middle, bottom = graph.split(columns, 3, "tail_rows")
-    top = _crop(graph, top, 1, 0, 1, "tail_top_row")
-    middle = _crop(graph, middle, 1, 1, -1, "tail_middle_rows")
-    bottom = _crop(graph, bottom, 1, -1, SAME, "tail_bottom_row")
-    (top,) = graph.layer(
-        "BinaryOp", [top, corrections["top"]], params={0: BINARY_ADD}, stem="tail_top_fixed"
-    )
-    (bottom,) = graph.layer(
-        "BinaryOp",
-        [bottom, corrections["bottom"]],
-        params={0: BINARY_ADD},
-        stem="tail_bottom_fixed",
-    )
-    if net.scale == 1:
-        graph.layer(
-            "Concat", [top, middle, bottom], outputs=["output"], params={0: 1}, stem="tail_fixed"
-        )
-        return
-    (fixed,) = graph.layer("Concat", [top, middle, bottom], params={0: 1}, stem="tail_fixed")
+    columns = _add_to_edges(graph, main, 2, corrections["left"], corrections["right"], "columns")
+    fixed = _add_to_edges(graph, columns, 1, corrections["top"], corrections["bottom"], "rows")
+    # A factor of 1 is a no-op that keeps one layout for every scale.
     graph.layer("PixelShuffle", [fixed], outputs=["output"], params={0: net.scale}, stem="shuffle")
+
+
+def _add_to_edges(graph: NcnnGraph, blob: str, axis: int, first: str, last: str, stem: str) -> str:
+    """``blob`` with ``first`` added to its first row (axis 1) or column (axis 2) and ``last``
+    to its last, the rest unchanged: cut into three, added, concatenated back."""
+    head, middle, tail = graph.split(blob, 3, f"tail_{stem}")
+    head = _crop(graph, head, axis, 0, 1, f"tail_first_{stem}")
+    middle = _crop(graph, middle, axis, 1, -1, f"tail_middle_{stem}")
+    tail = _crop(graph, tail, axis, -1, SAME, f"tail_last_{stem}")
+    add = {0: BINARY_ADD}
+    (head,) = graph.layer("BinaryOp", [head, first], params=add, stem=f"tail_first_{stem}_fixed")
+    (tail,) = graph.layer("BinaryOp", [tail, last], params=add, stem=f"tail_last_{stem}_fixed")
+    (joined,) = graph.layer(
+        "Concat", [head, middle, tail], params={0: axis}, stem=f"tail_{stem}_fixed"
+    )
+    return joined
 
 
 def _block(graph: NcnnGraph, block, inputs: list[str], features: int, stem: str) -> str:
