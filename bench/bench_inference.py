@@ -2,14 +2,17 @@
 
     .venv/bin/python bench/bench_inference.py [--threads 2] [--size 256] [--repeats 5]
         [--models tiny:4,nano:2,s:4] [--keep-freed-memory] [--compile] [--baseline GIT_REV]
+        [--original PATH/TO/paragonsr_arch.py]
 
 Rows per model: the original's deployed forms (training form in eval, re-fusing every forward;
 release form), this package's plain release-form forward, and the inference-optimized network in
 NCHW and channels_last (and torch.compiled with --compile, whose first call, the compilation,
-shows in the "1st call s" column), and with --baseline the optimized network of this package at
-another git revision. Timings are medians of interleaved
-repeats, so the ratios in one table come from the same stretch of machine time. Weights are
-seeded random with LayerScale 0.05-0.4, as trained models have.
+shows in the "1st call s" column), with --baseline the optimized network of this package at
+another git revision, and with --original the original implementation's own code (a scratch copy
+of Phhofm/ParagonSR's traiNNer/archs/paragonsr_arch.py, never committed here) on the same
+weights: its training form in eval and its fuse_for_release() form. Timings are medians of
+interleaved repeats, so the ratios in one table come from the same stretch of machine time.
+Weights are seeded random with LayerScale 0.05-0.4, as trained models have.
 """
 
 from __future__ import annotations
@@ -32,8 +35,54 @@ from paragonsr.network import macs_per_pixel  # noqa: E402
 from paragonsr.runtime import keep_freed_cpu_memory  # noqa: E402
 
 
+def original_code(path: str):
+    """The original implementation's module, loaded from a scratch copy. It imports traiNNer's
+    registry only to register factories; a stand-in decorator takes its place."""
+    import importlib.util
+    import types
+
+    registry = types.ModuleType("traiNNer.utils.registry")
+    registry.ARCH_REGISTRY = types.SimpleNamespace(register=lambda *a, **k: lambda f: f)
+    for name in ("traiNNer", "traiNNer.utils"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["traiNNer.utils.registry"] = registry
+    spec = importlib.util.spec_from_file_location("paragonsr_original_code", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def original_rows(path: str, training) -> list[tuple[str, str, object, bool]]:
+    """The original code's two deployed forms, holding ``training``'s weights (same key names)."""
+    import contextlib
+    import io
+
+    module = original_code(path)
+    config = training.config
+    forms = []
+    for fuse in (False, True):
+        model = module.ParagonSR(
+            scale=config.scale,
+            in_chans=config.in_chans,
+            num_feat=config.num_feat,
+            num_groups=config.num_groups,
+            num_blocks=config.num_blocks,
+            ffn_expansion=config.ffn_expansion,
+        )
+        model.load_state_dict(training.state_dict())
+        model.eval()
+        if fuse:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints every fused layer
+                model.fuse_for_release()
+        forms.append(model)
+    return [
+        ("original code: training, eval", "training", forms[0], False),
+        ("original code: fuse_for_release", "fused", forms[1], False),
+    ]
+
+
 def candidates(
-    variant: str, scale: int, compile_: bool, baseline: str | None
+    variant: str, scale: int, compile_: bool, baseline: str | None, original: str | None = None
 ) -> list[tuple[str, str, object, bool]]:
     """(label, MACs form, callable, run in reference style)."""
     training = common.seeded_model(variant, scale)
@@ -54,6 +103,8 @@ def candidates(
     if baseline:
         label, before = common.baseline_optimized(baseline, training)
         rows.append((label, "optimized", before, False))
+    if original:
+        rows.extend(original_rows(original, training))
     if compile_:
         compiled = torch.compile(optimize_for_inference(training), dynamic=False)
         rows.append(("optimized + torch.compile", "optimized", compiled, False))
@@ -61,13 +112,18 @@ def candidates(
 
 
 def measure(
-    model: str, size: int, repeats: int, compile_: bool, baseline: str | None
+    model: str,
+    size: int,
+    repeats: int,
+    compile_: bool,
+    baseline: str | None,
+    original: str | None = None,
 ) -> list[dict]:
     variant, scale = model.split(":")
     scale = int(scale)
     config = config_for_variant(variant, scale)
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    rows = candidates(variant, scale, compile_, baseline)
+    rows = candidates(variant, scale, compile_, baseline, original)
     times: dict[str, list[float]] = {label: [] for label, *_ in rows}
     with torch.inference_mode():
         first_call: dict[str, float] = {}
@@ -127,6 +183,12 @@ def main() -> None:
         help="add a row for the optimized network of this package at a git revision, timed "
         "in the same run",
     )
+    parser.add_argument(
+        "--original",
+        metavar="PATH",
+        help="the original implementation's paragonsr_arch.py (a scratch copy; add rows for its "
+        "own training and fuse_for_release forms on the same weights)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     allocator = (
@@ -144,7 +206,8 @@ def main() -> None:
     )
     print(f"|{'-' * 10}|{'-' * 34}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 9}|{'-' * 12}|")
     for model in args.models.split(","):
-        for row in measure(model, args.size, args.repeats, args.compile, args.baseline):
+        rows = measure(model, args.size, args.repeats, args.compile, args.baseline, args.original)
+        for row in rows:
             print(
                 f"| {row['model']:<8} | {row['path']:<32} | {row['ms']:>8.1f} | "
                 f"{row['vs_optimized']:>11.2f} | {row['macs_per_px']:>9,} | "
