@@ -11,24 +11,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def missing_file_problem(path: str | os.PathLike) -> tuple[str, str]:
+def missing_file_problem(path: str | os.PathLike, what: str = "the real file") -> tuple[str, str]:
     """(problem, fix) for a path that leads to no file: "file not found" would send the user
-    looking for a file that is there, when the trouble is a symbolic link."""
+    looking for a file that is there, when the trouble is a symbolic link (pathlib's exists()
+    says False for a loop and a dangling link alike). ``what`` names the file the link should
+    reach."""
     path = Path(path)
     try:
         os.stat(path)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            return "is a symbolic link loop", "Point the link at the real file"
+            return "is a symbolic link loop", f"Point the link at {what}"
     if path.is_symlink():
         try:
             target = os.readlink(path)
         except OSError:
             target = "?"
-        return (
-            f"is a symbolic link to a missing file ({target})",
-            "Fix the link or give the real file's path",
-        )
+        return f"is a symbolic link to a missing file ({target})", "Fix the link or remove it"
     return "file not found", "Check the path"
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ParagonSRError
-from .files import atomic_write
+from .files import atomic_write, missing_file_problem
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE_IMAGE = DATA / "chelsea_160x120.png"  # CC0, see data/README.md
@@ -88,17 +88,8 @@ def _check_is_file(path: Path) -> None:
     try:
         os.stat(path)
     except OSError as error:
-        # pathlib's exists() says False for a loop and for a dangling link alike.
-        if error.errno == errno.ELOOP:
-            raise ImageError(
-                path, "is a symbolic link loop", "Point the link at an image file"
-            ) from None
-        if path.is_symlink():
-            raise ImageError(
-                path, "is a symbolic link to a missing file", "Fix the link or remove it"
-            ) from None
-        if error.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise ImageError(path, "file not found") from None
+        if error.errno in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+            raise ImageError(path, *missing_file_problem(path, "an image file")) from None
         raise ImageError(path, f"cannot be opened ({error.strerror or error})") from None
     if not path.is_file():
         raise ImageError(path, "is not a file")
