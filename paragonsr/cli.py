@@ -399,8 +399,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import NonFiniteWeightsWarning
-
     suffix = Path(args.output).suffix.lower()
     if suffix == ".param":
         return _export_ncnn(args)
@@ -425,11 +423,21 @@ def _export(args: argparse.Namespace) -> int:
         if args.opset not in OPSETS:
             raise ExportError(f"--opset {args.opset}: {error}") from None
         raise
+    return _report_export(
+        args, lambda: export_onnx(args.model, args.output, options, overwrite=args.overwrite)
+    )
+
+
+def _report_export(args: argparse.Namespace, export) -> int:
+    """Run one exporter and print its report; an error that names neither file gets the
+    model's name in front."""
+    from .checkpoint import NonFiniteWeightsWarning
+
     try:
         with warnings.catch_warnings():
-            # Such a model's export is refused below, with a message that says why.
+            # Such a model's export is refused by the exporter, with a message that says why.
             warnings.simplefilter("ignore", NonFiniteWeightsWarning)
-            report = export_onnx(args.model, args.output, options, overwrite=args.overwrite)
+            report = export()
     except ExportError as error:
         if args.model in str(error) or args.output in str(error):
             raise
@@ -439,11 +447,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_ncnn(args: argparse.Namespace) -> int:
-    from .checkpoint import NonFiniteWeightsWarning
     from .ncnn_export import export_ncnn
+    from .onnx_export import ExportOptions
 
     onnx_only = {
-        "--opset": args.opset != 17,
+        "--opset": args.opset != ExportOptions().opset,
         "--keep-io-fp32": args.keep_io_fp32,
         "--static": bool(args.static),
         "--batch 1": args.batch != "dynamic",
@@ -455,16 +463,9 @@ def _export_ncnn(args: argparse.Namespace) -> int:
             f"{', '.join(given)}: ONNX options; an NCNN pair takes any input size and only "
             "--fp16 and --overwrite"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NonFiniteWeightsWarning)  # refused with a reason
-            report = export_ncnn(args.model, args.output, fp16=args.fp16, overwrite=args.overwrite)
-    except ExportError as error:
-        if args.model in str(error) or args.output in str(error):
-            raise
-        raise ExportError(f"{args.model}: not exported: {error}") from None
-    print("\n".join(report.lines()))
-    return 0
+    return _report_export(
+        args, lambda: export_ncnn(args.model, args.output, fp16=args.fp16, overwrite=args.overwrite)
+    )
 
 
 def _static_size(text: str) -> tuple[int, int]:
