@@ -35,6 +35,7 @@ from .errors import ExportError
 from .files import atomic_write
 from .inference import OptimizedParagonSR, optimize_for_inference
 from .network import ParagonSR, not_a_plain_network
+from .onnx_export import FP32_TOLERANCE, check_images
 from .tiles import Progress
 
 FP32_TAG = struct.pack("<I", 0)
@@ -451,7 +452,6 @@ UPSCAYL_SCALE_MARKERS = (
     (16, ("x16", "16x")),
 )
 UPSCAYL_DEFAULT_SCALE = 4
-FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-3
 EXPORT_STEPS = 4  # load, build, write, verify
 
@@ -621,12 +621,9 @@ def _verify(model: ParagonSR, text: str, weights: bytes, report: NcnnReport, fp1
         import ncnn
     except ImportError:
         return  # the report says so
-    from .onnx_export import _natural_image
-
     config = model.config
-    random_image = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(1))
     errors = []
-    for image in (random_image, _natural_image(3)):
+    for image in check_images(3):
         with torch.no_grad():
             expected = model.float()(image).clamp(0, 1)
         if not torch.isfinite(expected).all():

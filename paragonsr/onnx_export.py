@@ -161,15 +161,22 @@ def _source_hash(path: Path | None) -> str:
     return digest.hexdigest()
 
 
-def _natural_image(channels: int) -> torch.Tensor:
+def check_images(channels: int, size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """What every export is verified on: a seeded random image (48x40 unless ``size``) and the
+    bundled photo (resized to ``size`` if given), with ``channels`` channels."""
     from .images import SAMPLE_IMAGE, read_image
 
-    rgb = read_image(SAMPLE_IMAGE).pixels
+    height, width = size or (48, 40)
+    generator = torch.Generator().manual_seed(1)
+    random_image = torch.rand(1, channels, height, width, generator=generator)
+    natural = read_image(SAMPLE_IMAGE).pixels
     if channels == 1:
-        return rgb.mean(dim=1, keepdim=True)
-    if channels == 4:
-        return torch.cat([rgb, torch.ones_like(rgb[:, :1])], dim=1)
-    return rgb
+        natural = natural.mean(dim=1, keepdim=True)
+    elif channels == 4:
+        natural = torch.cat([natural, torch.ones_like(natural[:, :1])], dim=1)
+    if size is not None:
+        natural = F.interpolate(natural, size=size, mode="bilinear", align_corners=False)
+    return [random_image, natural]
 
 
 def export_onnx(
@@ -303,13 +310,7 @@ def _verify(onnx, onnxruntime, path: Path, graph, model, config, options, io_dty
         error = (actual - expected).abs().max().item() if finite.any() else 0.0
         return error, non_finite
 
-    height, width = options.static or (48, 40)
-    random_image = torch.rand(
-        1, config.in_chans, height, width, generator=torch.Generator().manual_seed(1)
-    )
-    natural = _natural_image(config.in_chans)
-    if options.static is not None:
-        natural = F.interpolate(natural, size=options.static, mode="bilinear", align_corners=False)
+    random_image, natural = check_images(config.in_chans, options.static)
     step()
     random_error, random_bad = compare(random_image)
     natural_error, natural_bad = compare(natural)
