@@ -132,33 +132,32 @@ class StreamedMap:
     def _offset(self, item: int, row: int) -> int:
         return (item * self.shape[2] + row) * self.row_bytes
 
-    def read(self, top: int, bottom: int) -> torch.Tensor:
-        """Rows [top, bottom) as a [batch, channels, rows, width] CPU tensor (channels-last):
-        a view in memory, a new tensor from a file."""
-        batch, channels, _, width = self.shape
-        shape = (batch, bottom - top, width, channels)
-        if self._memory is not None:  # a view: the streamer never writes the map it reads
+    def band(self, top: int, bottom: int) -> torch.Tensor:
+        """Rows [top, bottom) as a [batch, channels, rows, width] CPU tensor (channels-last) to
+        compute into before :meth:`commit`: the map's own rows in memory, a new tensor for a
+        file."""
+        if self._memory is not None:
             return self._memory[:, top:bottom].permute(0, 3, 1, 2)
-        rows = torch.empty(shape, dtype=self.dtype)
-        for item in range(batch):
-            view = memoryview(rows[item].view(torch.uint8).numpy()).cast("B")
+        batch, channels, _, width = self.shape
+        rows = torch.empty((batch, bottom - top, width, channels), dtype=self.dtype)
+        return rows.permute(0, 3, 1, 2)
+
+    def read(self, top: int, bottom: int) -> torch.Tensor:
+        """Rows [top, bottom) as :meth:`band` gives them, holding the map's values (in memory a
+        view: the streamer never writes the map it reads)."""
+        rows = self.band(top, bottom)
+        if self._memory is not None:
+            return rows
+        channels_last = rows.permute(0, 2, 3, 1)
+        for item in range(self.shape[0]):
+            view = memoryview(channels_last[item].view(torch.uint8).numpy()).cast("B")
             offset, done = self._offset(item, top), 0
             while done < len(view):
                 got = os.preadv(self._descriptor, [view[done:]], offset + done)
                 if got <= 0:
                     raise UpscaleError(f"the exact-tiling map in {self.folder} was cut short")
                 done += got
-        return rows.permute(0, 3, 1, 2)
-
-    def band(self, top: int, bottom: int) -> torch.Tensor:
-        """Where to compute rows [top, bottom) of this map before :meth:`commit`: the rows
-        themselves in memory, a new tensor for a file."""
-        if self._memory is not None:
-            return self._memory[:, top:bottom].permute(0, 3, 1, 2)
-        batch, channels, _, width = self.shape
-        return torch.empty((batch, bottom - top, width, channels), dtype=self.dtype).permute(
-            0, 3, 1, 2
-        )
+        return rows
 
     def commit(self, top: int, band: torch.Tensor) -> None:
         """Store a band from :meth:`band` (in memory it is already in place)."""
