@@ -59,10 +59,11 @@ def _file_system_types() -> list[tuple[str, str]]:
     """(mount point, type) of every mount, longest mount point first."""
     try:
         with open("/proc/self/mounts") as mounts:
-            entries = [line.split()[1:3] for line in mounts if len(line.split()) > 2]
+            fields = [line.split() for line in mounts]
     except OSError:
         return []
-    return sorted(((point, kind) for point, kind in entries), key=lambda e: -len(e[0]))
+    entries = [(f[1], f[2]) for f in fields if len(f) > 2]
+    return sorted(entries, key=lambda entry: -len(entry[0]))
 
 
 def _in_memory(folder: str) -> bool:
