@@ -31,7 +31,7 @@ import common  # noqa: E402
 from reference_style import reference_style  # noqa: E402
 
 from paragonsr import config_for_variant, fuse_for_release, optimize_for_inference  # noqa: E402
-from paragonsr.network import macs_per_pixel  # noqa: E402
+from paragonsr.config import macs_per_pixel  # noqa: E402
 from paragonsr.runtime import keep_freed_cpu_memory  # noqa: E402
 
 

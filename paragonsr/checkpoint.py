@@ -1,40 +1,35 @@
-"""Reading checkpoints, working out what they hold, and writing them back.
-
-Everything about a network comes from its tensors: form (training or release), scale, channels,
-width, depth, FFN expansion, kernel sizes and branch ratio. File names are never consulted.
+"""Reading checkpoints, working out what they hold (:func:`paragonsr.detection.detect` on their
+tensors' shapes), and writing them back.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import pickle
-import re
 import warnings
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import torch
 
-from .errors import CheckpointError, UnsupportedVariantError
-from .files import atomic_write, missing_file_problem
-from .network import (
-    ParagonBlock,
-    ParagonSR,
-    ParagonSRConfig,
-    not_a_plain_network,
-    ratio_for,
-    variant_name,
+from .config import ParagonSRConfig
+from .detection import (
+    Inspection,
+    TensorFacts,
+    checked_checkpoint_file,
+    detect,
+    strip_common_prefix,
 )
+from .detection import looks_like_paragonsr as looks_like_paragonsr
+from .errors import CheckpointError
+from .files import atomic_write
+from .network import ParagonSR, not_a_plain_network
 
 StateDict = dict[str, torch.Tensor]
 Source: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any]"
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt")
 # Checked in this order: an EMA copy is what traiNNer-redux users want to deploy.
 WRAPPER_KEYS = (
     "params_ema",
@@ -46,59 +41,10 @@ WRAPPER_KEYS = (
     "net_g",
     "net",
 )
-COMMON_PREFIXES = ("module.", "netG.", "_orig_mod.")
-
-# Keys every ParagonSR network has, whatever its form and configuration.
-SIGNATURE_KEYS = (
-    "conv_in.weight",
-    "body.0.blocks.0.norm1.weight",
-    "body.0.blocks.0.context.dwconv_hw.weight",
-    "body.0.blocks.0.transformer.project_in_g.weight",
-    "body.0.blocks.0.transformer.project_in_i.weight",
-    "body.0.blocks.0.transformer.project_out.weight",
-    "body.0.blocks.0.ls1.gamma",
-    "conv_fuse.weight",
-    "upsampler.0.weight",
-    "conv_out.weight",
-)
-_MIXER = "body.0.blocks.0.transformer.spatial_mixer."
-# Buffers only the optimized copy has: its state dict is no checkpoint, and saying so helps.
-OPTIMIZED_SIGNATURE_KEYS = ("conv_in_weight", "tail_weight", "groups.0.0.project_in_weight")
 
 
 class NonFiniteWeightsWarning(UserWarning):
     """A checkpoint holds NaN or infinite weights; its outputs will be garbage."""
-
-
-@dataclass
-class Inspection:
-    """What a checkpoint holds."""
-
-    config: ParagonSRConfig
-    form: str  # "training" or "fused"
-    variant: str | None
-    source: str = "state dict"
-    non_finite_keys: list[str] = field(default_factory=list)
-
-    @property
-    def tags(self) -> list[str]:
-        """spandrel descriptor tags: ``["nano", "24nf", "3ng", "2nb", "1.5ffn", "training"]``.
-
-        They follow spandrel's own: a size name first where the family table has one (DAT, SwinIR),
-        then a number with a short unit (ESRGAN's ``"64nf"``, ``"23nb"``; RCAN counts groups and
-        blocks per group apart): features, groups, blocks per group, FFN expansion, kernel sizes
-        and branch ratio where they are not the defaults, and the form last. chaiNNer shows them
-        joined by "x" as the model's size, so no tag holds an "x" of its own.
-        """
-        c = self.config
-        tags = [f"{c.num_feat}nf", f"{c.num_groups}ng", f"{c.num_blocks}nb"]
-        tags.append(f"{c.ffn_expansion:g}ffn")
-        if (c.square_kernel_size, c.band_kernel_size) != (3, 11):
-            tags += [f"{c.square_kernel_size}ks", f"{c.band_kernel_size}bks"]
-        if c.branch_ratio != 0.125:
-            tags.append(f"{c.branch_ratio:g}br")
-        tags.append(self.form)
-        return ([self.variant] if self.variant else []) + tags
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
@@ -108,25 +54,10 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     global beyond tensors and plain containers is refused without running it.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(path, *missing_file_problem(path))
-    if not path.is_file():
-        raise CheckpointError(path, "is not a file", "Give the path of a checkpoint file")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(path, "permission denied", "Make the file readable for this user")
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "the file is empty", "Download or export it again")
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
+    if checked_checkpoint_file(path) == "safetensors":
         raw: Any = _read_safetensors(path)
-    elif suffix in PICKLE_SUFFIXES:
-        raw = _read_pickle(path)
     else:
-        raise CheckpointError(
-            path,
-            f"unsupported file type {suffix or '(no extension)'!r}",
-            "Use a .safetensors, .pth, .ckpt or .pt checkpoint",
-        )
+        raw = _read_pickle(path)
     try:
         return canonical_state_dict(raw)
     except CheckpointError as error:
@@ -235,42 +166,7 @@ def canonical_state_dict(raw: Any) -> StateDict:
             f"entry {non_tensors[0]!r} is a {type(state[non_tensors[0]]).__name__}, not a tensor",
             "Save the model's state_dict() alone",
         )
-    state = {str(k): v for k, v in state.items()}
-    for prefix in COMMON_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def looks_like_paragonsr(state_dict: Mapping[str, Any]) -> bool:
-    """True for the ParagonSR networks this package loads (spandrel's detection hook).
-
-    Related networks that reuse some key names (the MagicKernel-upsampler fork, the early
-    LayerNorm revision) are left to other loaders; :func:`inspect_state_dict` names them.
-    """
-    return (
-        all(k in state_dict for k in SIGNATURE_KEYS) and _unsupported_relative(state_dict) is None
-    )
-
-
-def _unsupported_relative(state_dict: Mapping[str, Any]) -> str | None:
-    if any(k.startswith("magic_upsampler.") for k in state_dict):
-        return (
-            "a ParagonSR fork with a MagicKernel upsampler (magic_upsampler.* keys): a different "
-            "network whose scale is not stored in the file, so it is not supported"
-        )
-    if any(k.startswith(("hr_conv_in.", "hr_head.")) for k in state_dict):
-        return (
-            "a ParagonSR v2 network (hr_conv_in/hr_head keys), which this package does not support"
-        )
-    if any(
-        ".spatial_mixer.fused_conv." in k or ".spatial_mixer.identity." in k for k in state_dict
-    ):
-        return (
-            "an early ParagonSR revision (LayerNorm blocks, BatchNorm identity branch), "
-            "which this package does not support"
-        )
-    return None
+    return strip_common_prefix({str(k): v for k, v in state.items()})
 
 
 def _other_architecture(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -289,178 +185,31 @@ def _other_architecture(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _count(state_dict: Mapping[str, Any], pattern: str) -> int:
-    regex = re.compile(pattern)
-    indices = {int(m.group(1)) for k in state_dict if (m := regex.match(k))}
-    return max(indices) + 1 if indices else 0
-
-
-def _shape(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
-    tensor = state_dict.get(key)
-    if tensor is None:
-        raise CheckpointError(None, f"missing key {key!r}", "The checkpoint is incomplete")
-    if tensor.ndim != ndim:
-        raise CheckpointError(
-            None,
-            f"key {key!r} has shape {tuple(tensor.shape)}, expected {ndim} dimensions",
-            "The checkpoint is damaged or from another network",
-        )
-    return tuple(tensor.shape)
+def tensor_facts(state_dict: Mapping[str, torch.Tensor]) -> dict[str, TensorFacts]:
+    return {
+        key: TensorFacts(tuple(value.shape), str(value.dtype), value.is_floating_point())
+        for key, value in state_dict.items()
+    }
 
 
 def inspect_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Inspection:
-    """Work out form and every hyper-parameter from tensor shapes, and check every key."""
-    relative = _unsupported_relative(state_dict)
-    if relative is not None:
-        raise UnsupportedVariantError(None, f"this is {relative}")
-    if all(k in state_dict for k in OPTIMIZED_SIGNATURE_KEYS):
-        raise CheckpointError(
-            None,
-            "this is the state of an OptimizedParagonSR (the folded, inference-only copy that "
-            "optimize_for_inference makes), not a ParagonSR checkpoint",
-            "Save the ParagonSR module it was made from instead: "
-            "paragonsr.save_checkpoint(model, path)",
-        )
-    missing = [k for k in SIGNATURE_KEYS if k not in state_dict]
-    if missing:
-        other = _other_architecture(state_dict)
-        if other is not None or len(missing) > len(SIGNATURE_KEYS) // 2:
-            what = f"it looks like {other}" if other else "its keys match no ParagonSR network"
-            raise CheckpointError(
-                None,
-                f"not a ParagonSR checkpoint: {what}",
-                "Load it with ComfyUI's Load Upscale Model or spandrel" if other else "",
-            )
-        raise CheckpointError(None, f"missing key {missing[0]!r}", "The checkpoint is incomplete")
-
-    non_float = [k for k, v in state_dict.items() if not v.is_floating_point()]
-    if non_float:
-        key = non_float[0]
-        raise CheckpointError(
-            None,
-            f"key {key!r} holds {state_dict[key].dtype} values; ParagonSR weights are floating "
-            "point",
-            "The checkpoint is damaged or from another network",
-        )
-
-    num_feat, in_chans = _shape(state_dict, "conv_in.weight", 4)[:2]
-    out_chans = _shape(state_dict, "conv_out.weight", 4)[0]
-    num_groups = _count(state_dict, r"body\.(\d+)\.")
-    num_blocks = _count(state_dict, r"body\.0\.blocks\.(\d+)\.")
-    hidden = _shape(state_dict, "body.0.blocks.0.transformer.project_in_g.weight", 4)[0]
-    branch, _, square, _ = _shape(state_dict, "body.0.blocks.0.context.dwconv_hw.weight", 4)
-    band = _shape(state_dict, "body.0.blocks.0.context.dwconv_w.weight", 4)[3]
-    upsampled = _shape(state_dict, "upsampler.0.weight", 4)[0]
-    scale = round((upsampled / num_feat) ** 0.5)
-    if scale < 1 or scale * scale * num_feat != upsampled:
-        raise CheckpointError(
-            None,
-            f"key 'upsampler.0.weight' has {upsampled} output channels, which is not "
-            f"{num_feat} features times a square scale",
-            "The checkpoint is damaged or from another network",
-        )
-    if f"{_MIXER}conv3x3.weight" in state_dict:
-        form = "training"
-    elif f"{_MIXER}weight" in state_dict:
-        form = "fused"
-    else:
-        raise CheckpointError(
-            None,
-            f"missing key {_MIXER + 'conv3x3.weight'!r} (training form) or "
-            f"{_MIXER + 'weight'!r} (fused form)",
-            "The checkpoint is incomplete",
-        )
-    try:
-        config = ParagonSRConfig(
-            scale=scale,
-            in_chans=in_chans,
-            out_chans=out_chans,
-            num_feat=num_feat,
-            num_groups=num_groups,
-            num_blocks=num_blocks,
-            ffn_expansion=ratio_for(hidden, num_feat),
-            square_kernel_size=square,
-            band_kernel_size=band,
-            branch_ratio=ratio_for(branch, num_feat),
-        )
-        config.validate()
-    except ValueError as error:
-        raise CheckpointError(None, str(error), "The checkpoint is damaged") from None
-    _check_depth(state_dict, config, form)
-    _check_keys(state_dict, expected_shapes(config, form))
-
+    """Work out form and every hyper-parameter from tensor shapes, check every key, and warn
+    about NaN or infinite weights."""
+    inspection = detect(tensor_facts(state_dict), lambda: _other_architecture(state_dict))
     non_finite = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
     if non_finite:
-        warnings.warn(
-            f"{len(non_finite)} tensors hold NaN or inf values (first: {non_finite[0]!r}); "
-            "the model's output will be garbage",
-            NonFiniteWeightsWarning,
-            stacklevel=2,
-        )
-    return Inspection(config, form, variant_name(config), non_finite_keys=non_finite)
+        warn_non_finite(non_finite)
+    inspection.non_finite_keys = non_finite
+    return inspection
 
 
-def _check_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> None:
-    for key, shape in expected.items():
-        if key not in state_dict:
-            raise CheckpointError(None, f"missing key {key!r}", "The checkpoint is incomplete")
-        if state_dict[key].shape != shape:
-            raise CheckpointError(
-                None,
-                f"key {key!r} has shape {tuple(state_dict[key].shape)}, expected {tuple(shape)} "
-                "for the configuration the other tensors describe",
-                "The checkpoint is damaged or mixes two networks",
-            )
-    unexpected = [k for k in state_dict if k not in expected]
-    if unexpected:
-        raise CheckpointError(
-            None,
-            f"unexpected key {unexpected[0]!r} ({len(unexpected)} in all)",
-            "The checkpoint mixes ParagonSR with another network",
-        )
-
-
-def _check_depth(
-    state_dict: Mapping[str, torch.Tensor], config: ParagonSRConfig, form: str
-) -> None:
-    """Refuse a depth the tensors cannot hold before building anything: the depth comes from the
-    highest index in the key names, so one stray key such as ``body.200000.x`` would otherwise
-    make the meta-device twin hundreds of thousands of groups deep (hours, tens of GB). Within
-    what the tensors can hold, the key-by-key check names what is missing or extra."""
-    with torch.device("meta"):
-        per_block = len(ParagonBlock(config, fused=form == "fused").state_dict())
-    blocks = config.num_groups * config.num_blocks
-    if blocks * per_block > len(state_dict):
-        raise CheckpointError(
-            None,
-            f"its key names claim {config.num_groups} groups of {config.num_blocks} blocks "
-            f"({blocks * per_block:,} block tensors), but it holds {len(state_dict):,} tensors",
-            "The checkpoint is damaged or mixes two networks",
-        )
-
-
-def expected_shapes(config: ParagonSRConfig, form: str) -> dict[str, torch.Size]:
-    """Every key and shape of ``config``'s network in ``form``, in state-dict order.
-
-    Blocks are all alike, so one network of one group of one block is built (on the meta device)
-    and its block's entries are repeated for every group and block: xl's 144 blocks would
-    otherwise take seconds to construct, for a question the file's header answers."""
-    with torch.device("meta"):
-        model = ParagonSR(replace(config, num_groups=1, num_blocks=1), fused=form == "fused")
-    prefix = "body.0.blocks.0."
-    small = {key: value.shape for key, value in model.state_dict().items()}
-    block = {key[len(prefix) :]: shape for key, shape in small.items() if key.startswith(prefix)}
-    first_of_block = prefix + next(iter(block))
-    shapes: dict[str, torch.Size] = {}
-    for key, shape in small.items():
-        if not key.startswith(prefix):
-            shapes[key] = shape
-        elif key == first_of_block:
-            for group, index in itertools.product(
-                range(config.num_groups), range(config.num_blocks)
-            ):
-                shapes.update({f"body.{group}.blocks.{index}.{n}": s for n, s in block.items()})
-    return shapes
+def warn_non_finite(keys: list[str]) -> None:
+    warnings.warn(
+        f"{len(keys)} tensors hold NaN or inf values (first: {keys[0]!r}); "
+        "the model's output will be garbage",
+        NonFiniteWeightsWarning,
+        stacklevel=3,
+    )
 
 
 def empty_model(config: ParagonSRConfig, form: str) -> ParagonSR:

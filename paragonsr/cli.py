@@ -13,47 +13,27 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
-
-import torch
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
-from .checkpoint import (
-    Inspection,
-    empty_model,
-    expected_shapes,
-    inspect_checkpoint,
-    load_model,
-    save_checkpoint,
-)
+from .config import FORMS, macs_per_pixel, optimized_value_count, parameter_count
+from .detection import Inspection
 from .errors import CheckpointError, ExportError, ParagonSRError
-from .inference import optimize_for_inference
-from .network import FORMS, ParagonSR, fuse_for_release, macs_per_pixel
+
+if TYPE_CHECKING:
+    from .network import ParagonSR
+
+# torch, spandrel and the network load inside the commands that run one: --help, argument errors
+# and `info` on a .safetensors file answer in a fraction of the seconds those imports take.
 
 EXIT_ERROR = 2
 EXIT_NOTHING_DONE = 1
 
 
-def optimized_tensor_count(inspection: Inspection) -> int:
-    """Values the optimized network holds. Its blocks are all alike: one network of one block
-    (on the meta device) is counted and its block scaled, as in checkpoint.expected_shapes."""
-    config = inspection.config
-    one_block = replace(config, num_groups=1, num_blocks=1)
-    with torch.device("meta"):
-        model = ParagonSR(one_block, fused=inspection.form == "fused")
-        buffers = dict(optimize_for_inference(model).named_buffers())
-    block = sum(t.numel() for name, t in buffers.items() if name.startswith("groups.0.0."))
-    rest = sum(t.numel() for name, t in buffers.items() if not name.startswith("groups."))
-    return rest + block * config.num_groups * config.num_blocks
-
-
 def describe(inspection: Inspection) -> dict:
     config = inspection.config
-    params = {
-        form: sum(shape.numel() for shape in expected_shapes(config, form).values())
-        for form in FORMS
-    }
-    params["optimized"] = optimized_tensor_count(inspection)
+    params = {form: parameter_count(config, form) for form in FORMS}
+    params["optimized"] = optimized_value_count(config)
     return {
         "file": inspection.source,
         "architecture": "ParagonSR",
@@ -90,9 +70,11 @@ def format_info(info: dict) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .header import inspect_file
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported in the output instead
-        inspection = inspect_checkpoint(args.file)
+        inspection = inspect_file(args.file)
     info = describe(inspection)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -101,6 +83,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def max_fusion_error(training: ParagonSR, fused: ParagonSR, seed: int = 0, size: int = 48) -> float:
     """Max |fused - training| on a seeded random image, both in float64 so that only a wrong
     fusion, not float32 rounding, can show up."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     image = torch.rand(
         1, training.config.in_chans, size, size, generator=generator, dtype=torch.float64
@@ -117,6 +101,9 @@ def max_fusion_error(training: ParagonSR, fused: ParagonSR, seed: int = 0, size:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
+    from .checkpoint import empty_model, load_model, save_checkpoint
+    from .network import fuse_for_release
+
     source, target = Path(args.input), Path(args.output)
     training = load_model(source)
     if training.form == "fused":
@@ -271,6 +258,8 @@ class _Bar:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     import time
+
+    import torch
 
     from .images import read_image, write_image
     from .runtime import keep_freed_cpu_memory
@@ -554,9 +543,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_variant_of_init(variant: str, init: str) -> None:
     """Fine-tuning keeps the architecture of the --init checkpoint: a --variant that names
     another would be silently ignored."""
+    from .header import inspect_file
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # training reads the checkpoint again and warns there
-        held = inspect_checkpoint(init).variant
+        held = inspect_file(init).variant
     if held != variant:
         raise ParagonSRError(
             f"--variant {variant}: fine-tuning keeps the architecture of --init {init} "
@@ -693,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     fuse.set_defaults(handler=cmd_fuse)
 
-    from .upscale import ALPHA_MODES, DEFAULT_MAX_PIXELS, MODES, PRECISIONS
+    from .choices import ALPHA_MODES, DEFAULT_MAX_PIXELS, MODES, PRECISIONS
 
     up = commands.add_parser(
         "upscale",
@@ -791,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export.set_defaults(handler=cmd_export)
 
-    from .network import VARIANTS
+    from .config import VARIANTS
 
     tr = commands.add_parser(
         "train",

@@ -25,15 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .choices import DEFAULT_MAX_PIXELS
 from .errors import ParagonSRError
 from .files import atomic_write, missing_file_problem
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE_IMAGE = DATA / "chelsea_160x120.png"  # CC0, see data/README.md
 SAMPLE_DATASET = DATA  # two small CC0/public-domain photos: enough to try the trainer
-# The one pixel limit for every image read (upscale inputs, training and validation data);
-# --max-pixels raises it. 8000x8000: about 0.8 GB as float32 RGB.
-DEFAULT_MAX_PIXELS = 64_000_000
 
 SUFFIXES = {
     ".png": "PNG",

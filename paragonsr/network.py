@@ -1,4 +1,5 @@
-"""The plain ParagonSR network, the table of its named variants, and release fusion.
+"""The plain ParagonSR network and release fusion (its configurations and named variants live in
+:mod:`paragonsr.config`).
 
 One set of classes serves both checkpoint forms: the *training* form, whose FFN spatial mixers carry
 three parallel depthwise branches (3x3, 1x1 and a second 3x3), and the *release* form, where each
@@ -15,144 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMS = ("training", "fused")
-
-
-@dataclass(frozen=True)
-class ParagonSRConfig:
-    """Every hyper-parameter of a ParagonSR network; each one shows in some tensor shape."""
-
-    scale: int = 4
-    in_chans: int = 3
-    out_chans: int = 3
-    num_feat: int = 64
-    num_groups: int = 6
-    num_blocks: int = 6
-    ffn_expansion: float = 2.0
-    square_kernel_size: int = 3
-    band_kernel_size: int = 11
-    branch_ratio: float = 0.125
-
-    @property
-    def ffn_hidden(self) -> int:
-        # int() truncation, as in the original, decides the hidden width for fractional ratios.
-        return int(self.num_feat * self.ffn_expansion)
-
-    @property
-    def branch_channels(self) -> int:
-        return int(self.num_feat * self.branch_ratio)
-
-    def validate(self) -> None:
-        problems = []
-        if not 1 <= self.scale <= 16:
-            problems.append(f"scale {self.scale} is outside 1-16")
-        if self.in_chans < 1 or self.out_chans < 1:
-            problems.append("channel counts must be positive")
-        if self.num_groups < 1 or self.num_blocks < 1:
-            problems.append("num_groups and num_blocks must be at least 1")
-        if self.ffn_hidden < 1:
-            problems.append(f"ffn_expansion {self.ffn_expansion} leaves no hidden channels")
-        if self.branch_channels < 1 or 3 * self.branch_channels > self.num_feat:
-            problems.append(
-                f"branch_ratio {self.branch_ratio} gives {self.branch_channels} channels per "
-                f"branch "
-                f"for {self.num_feat} features (need 1 to {self.num_feat // 3})"
-            )
-        for name in ("square_kernel_size", "band_kernel_size"):
-            size = getattr(self, name)
-            if size < 1 or size % 2 == 0:
-                problems.append(f"{name} {size} must be odd and positive")
-        if problems:
-            raise ValueError("invalid ParagonSR configuration: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    num_feat: int
-    num_groups: int
-    num_blocks: int
-    ffn_expansion: float = 2.0
-    # Other (groups, blocks) layouts published under the same name.
-    other_layouts: tuple[tuple[int, int], ...] = ()
-
-    def config(self, scale: int, in_chans: int = 3) -> ParagonSRConfig:
-        return ParagonSRConfig(
-            scale=scale,
-            in_chans=in_chans,
-            out_chans=in_chans,
-            num_feat=self.num_feat,
-            num_groups=self.num_groups,
-            num_blocks=self.num_blocks,
-            ffn_expansion=self.ffn_expansion,
-        )
-
-
-# The family table of the architecture's README. The original training code builds "tiny" as
-# 3 groups x 2 blocks; checkpoints of either layout carry the name.
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant("nano", 24, 3, 2, 1.5),
-        Variant("tiny", 32, 3, 3, 2.0, other_layouts=((3, 2),)),
-        Variant("xs", 48, 4, 4),
-        Variant("s", 64, 6, 6),
-        Variant("m", 96, 8, 8),
-        Variant("l", 128, 10, 10),
-        Variant("xl", 160, 12, 12),
-    )
-}
-
-
-def variant_name(config: ParagonSRConfig) -> str | None:
-    """The family member whose shape ``config`` has, or None for a custom configuration."""
-    defaults = ParagonSRConfig()
-    if (config.square_kernel_size, config.band_kernel_size) != (
-        defaults.square_kernel_size,
-        defaults.band_kernel_size,
-    ) or config.branch_channels != int(config.num_feat * defaults.branch_ratio):
-        return None
-    for variant in VARIANTS.values():
-        layouts = ((variant.num_groups, variant.num_blocks), *variant.other_layouts)
-        if (
-            config.num_feat == variant.num_feat
-            and (config.num_groups, config.num_blocks) in layouts
-            and config.ffn_hidden == int(variant.num_feat * variant.ffn_expansion)
-        ):
-            return variant.name
-    return None
-
-
-def config_for_variant(name: str, scale: int, in_chans: int = 3) -> ParagonSRConfig:
-    try:
-        variant = VARIANTS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown ParagonSR variant {name!r}; choose one of {', '.join(VARIANTS)}"
-        ) from None
-    return variant.config(scale, in_chans)
-
-
-def ratio_for(count: int, total: int) -> float:
-    """The smallest float ratio r with int(total * r) == count, shown rounded when that is exact."""
-    for digits in (2, 3, 4, 6):
-        rounded = round(count / total, digits)
-        if int(total * rounded) == count:
-            return rounded
-    ratio = count / total
-    while int(total * ratio) < count:
-        ratio = math.nextafter(ratio, math.inf)
-    return ratio
+from .config import ParagonSRConfig, config_for_variant
 
 
 class LayerScale(nn.Module):
@@ -363,30 +232,3 @@ def not_a_plain_network(value: object, where: str) -> str:
             "or load the checkpoint again with paragonsr.load_model"
         )
     return f"{where} needs a ParagonSR module, got {type(value).__name__}"
-
-
-def macs_per_pixel(config: ParagonSRConfig, form: str) -> int:
-    """Multiply-accumulates per low-resolution input pixel of the convolutions in ``form``.
-
-    "training" is the original's three-branch forward (this package's training forward convolves
-    with the summed mixer kernel and costs what "fused" costs); "optimized" is the inference
-    network of :mod:`paragonsr.inference`. Normalization, activation and LayerScale are
-    elementwise and not counted; neither are the optimized tail's exact border strips, which
-    cost O(perimeter)."""
-    nf, hidden, branch = config.num_feat, config.ffn_hidden, config.branch_channels
-    mixer_taps = 9 + 1 + 9 if form == "training" else 9
-    block = (
-        branch * (config.square_kernel_size**2 + 2 * config.band_kernel_size)
-        + 2 * nf * hidden
-        + mixer_taps * hidden
-        + hidden * nf
-    )
-    head = 9 * config.in_chans * nf + 9 * nf * nf
-    s2 = config.scale**2
-    if form == "optimized":
-        tail = 25 * nf * config.out_chans * s2
-    elif form in FORMS:
-        tail = 9 * nf * nf * s2 + 9 * nf * config.out_chans * s2
-    else:
-        raise ValueError(f"unknown form {form!r}")
-    return head + config.num_groups * config.num_blocks * block + tail

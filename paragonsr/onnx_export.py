@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_model
+from .config import variant_name
 from .errors import ExportError
 from .files import atomic_write
 from .inference import Numerics, OptimizedParagonSR, optimize_for_inference
-from .network import ParagonSR, not_a_plain_network, variant_name
+from .network import ParagonSR, not_a_plain_network
 from .tiles import Progress
 
 OPSETS = range(14, 21)  # chaiNNer's onnxruntime 1.17 stops at 20

@@ -1,8 +1,10 @@
 """ParagonSR as a spandrel architecture, so every spandrel-based tool can load it.
 
-``register()`` runs at ``import paragonsr``. It is idempotent, survives the module being imported
-twice under different names (ComfyUI imports custom-node folders by path), and steps aside if
-spandrel itself, or another pack, already provides an architecture with the id ``ParagonSR``.
+Importing this module adds ParagonSR to spandrel's main registry (``import paragonsr`` imports it
+as soon as spandrel is imported too, in either order). ``register()`` is idempotent, survives
+the module being imported twice under different names (ComfyUI imports custom-node folders by
+path), and steps aside if spandrel itself, or another pack, already provides an architecture
+with the id ``ParagonSR``.
 """
 
 from __future__ import annotations
@@ -98,3 +100,6 @@ def load_descriptor(
     except CheckpointError as error:
         raise error.with_source(label) from None
     return descriptor.to(device).eval()
+
+
+register()

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from spandrel import ImageModelDescriptor
 
+from .choices import ALPHA_MODES, DEFAULT_MAX_PIXELS, MODES, PRECISIONS
 from .errors import UpscaleError
 from .exact_tiling import ExactStreamer
-from .images import DEFAULT_MAX_PIXELS
 from .inference import OptimizedCall, OptimizedParagonSR, optimize_for_inference
 from .network import ParagonSR, not_a_plain_network
 from .overlap_tiling import overlap_upscale
@@ -30,9 +30,6 @@ from .tiles import MIN_TILE, Progress, Tile, grid
 
 log = logging.getLogger(__name__)
 
-MODES = ("exact", "overlap")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ALPHA_MODES = ("bilinear", "model")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

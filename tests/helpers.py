@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import paragonsr  # noqa: F401  (registers ParagonSR with spandrel)
+from paragonsr.config import ParagonSRConfig
 from paragonsr.exact_tiling import ExactStreamer
 from paragonsr.inference import OptimizedParagonSR
-from paragonsr.network import ParagonSR, ParagonSRConfig
+from paragonsr.network import ParagonSR
 from paragonsr.tiles import Progress
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from helpers import MANIFEST, REFERENCE
 from paragonsr.checkpoint import inspect_checkpoint
 from paragonsr.cli import main
-from paragonsr.network import macs_per_pixel
+from paragonsr.config import macs_per_pixel
 
 
 @dataclass

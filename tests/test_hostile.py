@@ -26,7 +26,8 @@ from helpers import REFERENCE, REPO
 from paragonsr import cli
 from paragonsr.checkpoint import save_checkpoint
 from paragonsr.cli import main
-from paragonsr.network import ParagonSR, ParagonSRConfig
+from paragonsr.config import ParagonSRConfig
+from paragonsr.network import ParagonSR
 
 NANO = REFERENCE / "nano_x2.train.safetensors"
 FUSED = REFERENCE / "nano_x2.fused.safetensors"

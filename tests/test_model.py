@@ -15,7 +15,7 @@ from paragonsr import (
     fuse_for_release,
     optimize_for_inference,
 )
-from paragonsr.network import macs_per_pixel
+from paragonsr.config import macs_per_pixel
 
 CONFIGS = [
     config_for_variant("tiny", 4),

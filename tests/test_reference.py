@@ -17,7 +17,7 @@ from paragonsr import (
     optimize_for_inference,
     save_checkpoint,
 )
-from paragonsr.network import ParagonSRConfig
+from paragonsr.config import ParagonSRConfig
 
 TOLERANCE = 1e-4
 FILES = [

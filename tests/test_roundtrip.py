@@ -16,8 +16,8 @@ from paragonsr import (
     fuse_for_release,
     optimize_for_inference,
 )
+from paragonsr.config import variant_name
 from paragonsr.inference import GRAPH
-from paragonsr.network import variant_name
 from paragonsr.upscale import optimized_network
 
 TOLERANCE = 1e-4

@@ -25,11 +25,12 @@ from ..checkpoint import (
     one_line,
     save_checkpoint,
 )
+from ..config import config_for_variant
 from ..distributed import Ranks, ranks
 from ..errors import ParagonSRError
 from ..files import atomic_write
 from ..inference import optimize_for_inference
-from ..network import ParagonSR, config_for_variant
+from ..network import ParagonSR
 from .data import DataError, PatchSampler, bicubic_upscale, downscale, load_validation
 
 log = logging.getLogger(__name__)
