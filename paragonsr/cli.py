@@ -232,22 +232,35 @@ def _tqdm(total: int, unit: str):
 
 
 class _Bar:
-    """tqdm where installed, otherwise a plain percentage on stderr."""
+    """tqdm where installed, otherwise a plain percentage on stderr. It counts the images the
+    model has finished plus the tiles done of the one it runs; files are reported done (written
+    or failed) a little behind the model, so it only ever moves forward."""
 
     def __init__(self, total_images: int) -> None:
         self.bar = _tqdm(total_images, "img")
-        self.image = 0
+        self.image = 0  # the image the model runs, else the first one not done
+        self.position = 0.0
         self.total_images = total_images
 
-    def tiles(self, done: int, total: int) -> None:
-        fraction = (self.image + done / max(total, 1)) / self.total_images
-        if self.bar is not None:
-            self.bar.update(fraction * self.total_images - self.bar.n)  # tqdm throttles redraws
-        elif done == total or done % 50 == 0:
-            print(f"\r{100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
+    def start(self, index: int) -> None:
+        self.image = max(self.image, index)
 
-    def next_image(self) -> None:
-        self.image += 1
+    def tiles(self, done: int, total: int) -> None:
+        self._move(self.image + done / max(total, 1), plain=done == total or done % 50 == 0)
+
+    def finished(self, index: int) -> None:
+        self.image = max(self.image, index + 1)
+        self._move(self.image, plain=False)
+
+    def _move(self, position: float, plain: bool) -> None:
+        if position <= self.position:
+            return
+        self.position = position
+        if self.bar is not None:
+            self.bar.update(position - self.bar.n)  # tqdm throttles redraws
+        elif plain:
+            fraction = position / self.total_images
+            print(f"\r{100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -261,7 +274,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .images import read_image, write_image
+    from .folder import FileJob, FileOutcome, upscale_files
     from .runtime import keep_freed_cpu_memory
     from .upscale import UpscaleSettings, is_paragonsr, upscale
 
@@ -308,34 +321,37 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     created = _make_folder(Path(args.output)) if Path(args.input).is_dir() else None
     if world.distributed:
         created = None  # the other ranks may still write into it after this one fails
+    folder_input = Path(args.input).is_dir()
     bar = _Bar(len(pairs))
-    started, pixels = time.perf_counter(), 0
-    failures: list[str] = []
-    try:
-        for source, target in pairs:
+
+    def upscale_one(job: FileJob, image) -> torch.Tensor:
+        bar.start(job.index)
+        return upscale(descriptor, image.pixels, settings, tick=bar.tiles)
+
+    def report(outcome: FileOutcome) -> None:
+        if outcome.ok or folder_input:
+            bar.finished(outcome.job.index)
+        if not outcome.ok and folder_input:
             # One bad file must not stop a folder: it is reported, the others are written.
-            try:
-                image = read_image(source, settings.max_pixels)
-                try:
-                    result = upscale(descriptor, image.pixels, settings, tick=bar.tiles)
-                except ParagonSRError as error:
-                    raise ParagonSRError(f"{source}: {error}") from None
-                write_image(
-                    target, result, image.bits, overwrite=True, icc_profile=image.icc_profile
-                )
-            except ParagonSRError as error:
-                if not Path(args.input).is_dir():
-                    raise  # one file: its error is the answer
-                failures.append(str(error))
-                print(f"paragonsr: skipped {error}", file=sys.stderr)
-                bar.next_image()
-                continue
-            pixels += result.shape[-1] * result.shape[-2]
-            bar.next_image()
+            print(f"paragonsr: skipped {outcome.error}", file=sys.stderr)
+
+    started = time.perf_counter()
+    try:
+        outcomes = upscale_files(
+            pairs,
+            upscale_one,
+            max_pixels=settings.max_pixels,
+            pipeline=len(pairs) > 1,  # decoding the next file while the model runs this one
+            on_done=report,
+        )
     finally:
         bar.close()
         if created is not None:
             _remove_if_empty(created)
+    failures = [outcome.error for outcome in outcomes if outcome.error is not None]
+    if failures and not folder_input:
+        raise failures[0]  # one file: its error is the answer
+    pixels = sum(outcome.pixels for outcome in outcomes)
     elapsed = time.perf_counter() - started
     mode = settings.mode
     rank_note = f"rank {world.rank}/{world.world}: " if world.distributed else ""
