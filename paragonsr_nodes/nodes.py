@@ -17,10 +17,10 @@ from paragonsr import (
     save_checkpoint,
     upscale,
 )
+from paragonsr.choices import MODES, PRECISIONS
 from paragonsr.config import macs_per_pixel
 from paragonsr.errors import ParagonSRError
 from paragonsr.images import SAMPLE_DATASET, SAMPLE_IMAGE, read_image
-from paragonsr.choices import MODES, PRECISIONS
 from paragonsr.upscale import optimized_network, release_optimized
 
 from . import comfy_bridge
