@@ -5,10 +5,12 @@
 A folder of seeded natural-looking frames (smooth gradients, shapes, fine texture and noise;
 PNG) is upscaled with the bundled nano x2 model on the CPU, in exact mode as `paragonsr
 upscale` runs it, by `paragonsr.folder.upscale_files` serially and pipelined, interleaved
-(serial, pipeline, serial, pipeline...) so that load from other processes falls on both alike.
-Every run writes its own folder; all of them must hold the same bytes. A second table splits
-the serial loop's time into its stages (decode, model, encode and write), which bounds what
-overlapping can gain: the pipeline's time tends to the model's alone.
+(serial, pipeline, serial, pipeline...) so that load from other processes falls on both alike;
+the table says how many cores other processes used during each run. Every run writes its own
+folder, and all of them must hold the same bytes (torch's thread count is held fixed for that,
+unless --share-cores). A second table splits the serial loop's time into its stages: overlapped
+on 2 cores, a frame cannot take less than its encoding (one thread) nor less than half the CPU
+time of all its stages.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from paragonsr import load_descriptor  # noqa: E402
 from paragonsr.folder import upscale_files  # noqa: E402
 from paragonsr.images import read_image, write_image  # noqa: E402
+from paragonsr.inference import OptimizedParagonSR  # noqa: E402
 from paragonsr.runtime import keep_freed_cpu_memory  # noqa: E402
 from paragonsr.upscale import UpscaleSettings, upscale  # noqa: E402
 
@@ -123,9 +126,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="serial/pipeline pairs")
     parser.add_argument("--depth", type=int, default=1, help="the pipeline's queue depth")
     parser.add_argument("--no-stages", action="store_true", help="skip the stage table")
+    parser.add_argument(
+        "--share-cores",
+        action="store_true",
+        help="let inference run on fewer threads while other processes run (the library's "
+        "default); without it torch keeps --threads throughout, since the thread count changes "
+        "a few output values and the bytes of the runs could not be compared",
+    )
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     torch.set_num_threads(args.threads)
+    OptimizedParagonSR.share_cores = args.share_cores
     keep_freed_cpu_memory()  # as `paragonsr upscale` does
     descriptor = load_descriptor(str(MODEL))
     settings = UpscaleSettings(device="cpu")
@@ -135,7 +146,8 @@ def main() -> None:
 
     print(
         f"# CPU, {args.threads} torch threads, torch {torch.__version__}; {args.frames} frames "
-        f"{width}x{height} PNG, nano x2 (bundled), exact mode, pipeline depth {args.depth}"
+        f"{width}x{height} PNG, nano x2 (bundled), exact mode, pipeline depth {args.depth}, "
+        f"threads {'shared with other work' if args.share_cores else 'fixed'}"
     )
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)

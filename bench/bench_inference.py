@@ -1,24 +1,32 @@
 """CPU inference speed of every way to run ParagonSR, as a table.
 
     .venv/bin/python bench/bench_inference.py [--threads 2] [--size 256] [--repeats 5]
-        [--models tiny:4,nano:2,s:4] [--keep-freed-memory] [--compile] [--baseline GIT_REV]
-        [--original PATH/TO/paragonsr_arch.py]
+        [--models tiny:4,nano:2,s:4] [--busy N] [--keep-freed-memory] [--compile]
+        [--baseline GIT_REV] [--original PATH/TO/paragonsr_arch.py]
 
 Rows per model: the original's deployed forms (training form in eval, re-fusing every forward;
-release form), this package's plain release-form forward, and the inference-optimized network in
-NCHW and channels_last (and torch.compiled with --compile, whose first call, the compilation,
-shows in the "1st call s" column), with --baseline the optimized network of this package at
-another git revision, and with --original the original implementation's own code (a scratch copy
-of Phhofm/ParagonSR's traiNNer/archs/paragonsr_arch.py, never committed here) on the same
-weights: its training form in eval and its fuse_for_release() form. Timings are medians of
-interleaved repeats, so the ratios in one table come from the same stretch of machine time.
-Weights are seeded random with LayerScale 0.05-0.4, as trained models have.
+release form), this package's plain release-form forward, the inference-optimized network in
+NCHW and channels_last, the same on the host's thread count throughout ("host's threads": it
+otherwise runs on the cores other work leaves free, paragonsr.cpu_threads), and two small
+architectures at the same scale through spandrel's descriptors, as ComfyUI calls them: Real-ESRGAN
+Compact 64nf 16nc and SPAN 48nf (seeded random weights; speed does not depend on them). With
+--compile the optimized network torch.compiled (its first call, the compilation, shows in the
+"1st call s" column), with --baseline the optimized network of this package at another git
+revision, and with --original the original implementation's own code (a scratch copy of
+Phhofm/ParagonSR's traiNNer/archs/paragonsr_arch.py, never committed here) on the same weights:
+its training form in eval and its fuse_for_release() form. --busy N starts N busy-looping
+processes, each pinned to one of this process's cores, for the whole run: every row then shares
+the machine the way it would with another job. Timings are medians of interleaved repeats, so
+the ratios in one table come from the same stretch of machine time. ParagonSR weights are seeded
+random with LayerScale 0.05-0.4, as trained models have.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,13 +89,56 @@ def original_rows(path: str, training) -> list[tuple[str, str, object, bool]]:
     ]
 
 
+def conv_macs_per_pixel(model: torch.nn.Module, size: int = 32) -> int:
+    """Multiply-accumulates per input pixel of every convolution in ``model``, counted on one
+    size x size image (for architectures that macs_per_pixel does not describe)."""
+    total = [0]
+
+    def count(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        total[0] += module.weight.numel() * output.shape[-2] * output.shape[-1]
+
+    hooks = [
+        module.register_forward_hook(count)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
+    try:
+        with torch.inference_mode():
+            model(torch.rand(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0] // (size * size)
+
+
+def other_architectures(scale: int) -> list[tuple[str, int, object, bool]]:
+    """Real-ESRGAN Compact (64nf, 16 convolutions) and SPAN (48nf) at ``scale``, loaded the way
+    ComfyUI's stock loader does (spandrel's descriptor from a state dict) and called as its
+    stock upscale node calls them (NCHW, the descriptor itself)."""
+    from spandrel import ModelLoader
+    from spandrel.architectures.Compact import Compact
+    from spandrel.architectures.SPAN import SPAN
+
+    torch.manual_seed(0)
+    rows = []
+    for label, network in (
+        ("Compact 64nf 16nc (spandrel)", Compact(num_feat=64, num_conv=16, upscale=scale)),
+        ("SPAN 48nf (spandrel)", SPAN(num_in_ch=3, num_out_ch=3, upscale=scale)),
+    ):
+        descriptor = ModelLoader().load_from_state_dict(network.state_dict()).eval()
+        rows.append((label, conv_macs_per_pixel(descriptor.model), descriptor, False))
+    return rows
+
+
 def candidates(
     variant: str, scale: int, compile_: bool, baseline: str | None, original: str | None = None
-) -> list[tuple[str, str, object, bool]]:
-    """(label, MACs form, callable, run in reference style)."""
+) -> list[tuple[str, str | int, object, bool]]:
+    """(label, MACs form or MACs per pixel, callable, run in reference style)."""
     training = common.seeded_model(variant, scale)
     fused = common.seeded_model(variant, scale)
     fuse_for_release(fused)
+    host_threads = optimize_for_inference(training)
+    host_threads.share_cores = False
     rows = [
         ("original: training form, eval", "training", training, True),
         ("original: release-fused", "fused", fused, True),
@@ -99,6 +150,8 @@ def candidates(
             False,
         ),
         ("optimized, channels_last", "optimized", optimize_for_inference(training), False),
+        ("optimized, host's threads", "optimized", host_threads, False),
+        *other_architectures(scale),
     ]
     if baseline:
         label, before = common.baseline_optimized(baseline, training)
@@ -142,7 +195,7 @@ def measure(
     results = []
     for label, form, _, _ in rows:
         seconds = statistics.median(times[label])
-        macs = macs_per_pixel(config, form)
+        macs = form if isinstance(form, int) else macs_per_pixel(config, form)
         results.append(
             {
                 "model": f"{variant} x{scale}",
@@ -155,6 +208,21 @@ def measure(
             }
         )
     return results
+
+
+def start_busy(count: int) -> list[subprocess.Popen]:
+    """``count`` busy-looping processes, each pinned to one of this process's cores (the last
+    core first). Each one ends by itself when this process has gone, however it ended."""
+    cores = sorted(os.sched_getaffinity(0))
+    processes = []
+    for index in range(count):
+        core = cores[-1 - index % len(cores)]
+        loop = (
+            f"import os\nos.sched_setaffinity(0, {{{core}}})\nparent = os.getppid()\n"
+            "while os.getppid() == parent:\n    for _ in range(100000):\n        pass\n"
+        )
+        processes.append(subprocess.Popen([sys.executable, "-c", loop]))
+    return processes
 
 
 class _nothing:
@@ -178,6 +246,13 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy-looping processes, pinned to this process's cores, for the whole run",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="GIT_REV",
         help="add a row for the optimized network of this package at a git revision, timed "
@@ -196,24 +271,33 @@ def main() -> None:
         if args.keep_freed_memory and keep_freed_cpu_memory()
         else ("glibc defaults")
     )
+    busy = f", {args.busy} busy process(es) on the same cores" if args.busy else ""
     print(
         f"# CPU, {args.threads} threads, 1x3x{args.size}x{args.size} float32, "
-        f"allocator: {allocator}, torch {torch.__version__}, median of {args.repeats}"
+        f"allocator: {allocator}, torch {torch.__version__}, median of {args.repeats}{busy}"
     )
     print(
         f"| {'model':<8} | {'path':<32} | {'ms':>8} | {'x optimized':>11} | "
         f"{'MACs/px':>9} | {'GFLOP/s':>7} | {'1st call s':>10} |"
     )
     print(f"|{'-' * 10}|{'-' * 34}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 9}|{'-' * 12}|")
-    for model in args.models.split(","):
-        rows = measure(model, args.size, args.repeats, args.compile, args.baseline, args.original)
-        for row in rows:
-            print(
-                f"| {row['model']:<8} | {row['path']:<32} | {row['ms']:>8.1f} | "
-                f"{row['vs_optimized']:>11.2f} | {row['macs_per_px']:>9,} | "
-                f"{row['gflops']:>7.1f} | {row['first_call_s']:>10.2f} |",
-                flush=True,
+    competitors = start_busy(args.busy)
+    try:
+        for model in args.models.split(","):
+            rows = measure(
+                model, args.size, args.repeats, args.compile, args.baseline, args.original
             )
+            for row in rows:
+                print(
+                    f"| {row['model']:<8} | {row['path']:<32} | {row['ms']:>8.1f} | "
+                    f"{row['vs_optimized']:>11.2f} | {row['macs_per_px']:>9,} | "
+                    f"{row['gflops']:>7.1f} | {row['first_call_s']:>10.2f} |",
+                    flush=True,
+                )
+    finally:
+        for process in competitors:
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":

@@ -318,10 +318,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     settings = replace(settings, mode=settings.mode or default_mode)
     settings.validate()
     keep_freed_cpu_memory()  # this process only runs the job: let glibc reuse freed memory
-    created = _make_folder(Path(args.output)) if Path(args.input).is_dir() else None
+    folder_input = Path(args.input).is_dir()
+    created = _make_folder(Path(args.output)) if folder_input else None
     if world.distributed:
         created = None  # the other ranks may still write into it after this one fails
-    folder_input = Path(args.input).is_dir()
     bar = _Bar(len(pairs))
 
     def upscale_one(job: FileJob, image) -> torch.Tensor:
@@ -341,7 +341,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             pairs,
             upscale_one,
             max_pixels=settings.max_pixels,
-            pipeline=len(pairs) > 1,  # decoding the next file while the model runs this one
+            pipeline=len(pairs) > 1,  # one file has nothing to overlap with
             on_done=report,
         )
     finally:

@@ -206,3 +206,101 @@ def test_exporting_onto_a_folder_is_refused(tmp_path) -> None:
     with pytest.raises(ExportError, match="is a folder; name the .onnx file to write"):
         export_onnx(NANO, target, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["taken.onnx"] and target.is_dir()
+
+
+def test_ffn_slices_and_mish_form_in_the_graph(tmp_path) -> None:
+    """The default graph computes each block's gated product in 16-channel slices (tiny: 64
+    hidden channels, 4 slices, one Mish each) with Mish as Exp/BatchNormalization/Softsign; one
+    slice (ffn_group=0) is the same arithmetic, so onnxruntime's outputs agree to rounding, and
+    both land on the float64 plain forward at a size neither graph was traced at."""
+    import onnxruntime
+
+    model = randomized_model(config_for_variant("tiny", 4))
+    blocks = model.config.num_groups * model.config.num_blocks
+    slices = model.config.ffn_hidden // 16
+    outputs = []
+    image = seeded_image(3, 37, 29)
+    for ffn_group, mishes in ((16, blocks * slices), (0, blocks)):
+        path = tmp_path / f"group{ffn_group}.onnx"
+        export_onnx(model, path, ExportOptions(ffn_group=ffn_group))
+        ops = [node.op_type for node in onnx.load(path).graph.node]
+        assert ops.count("Softsign") == ops.count("BatchNormalization") == mishes
+        assert not {"Softplus", "Mish", "Tanh"} & set(ops)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(torch.from_numpy(session.run(None, {"input": image.numpy()})[0]).double())
+    expected = float64_reference(model, image)
+    assert (outputs[0] - outputs[1]).abs().max().item() < 1e-6
+    for actual in outputs:
+        assert (actual - expected).abs().max().item() < 1e-4
+
+
+def test_an_uneven_last_ffn_slice(tmp_path) -> None:
+    """nano's 36 hidden channels split 16 + 16 + 4; an odd size and a batch of two."""
+    import onnxruntime
+
+    model = randomized_model(config_for_variant("nano", 2))
+    path = tmp_path / "nano.onnx"
+    export_onnx(model, path)
+    assert [node.op_type for node in onnx.load(path).graph.node].count("Softsign") == 3 * 2 * 3
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = torch.cat([seeded_image(3, 19, 23, seed=seed) for seed in (1, 2)])
+    actual = torch.from_numpy(session.run(None, {"input": batch.numpy()})[0]).double()
+    assert (actual - float64_reference(model, batch)).abs().max().item() < 1e-4
+
+
+def test_a_negative_ffn_group_is_refused(tmp_path) -> None:
+    with pytest.raises(ExportError, match="ffn_group -1 must be 0"):
+        export_onnx(NANO, tmp_path / "x.onnx", ExportOptions(ffn_group=-1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_graph_mish_against_float64() -> None:
+    """float32: as close to float64 Mish as ATen's own, from where it underflows to where it
+    is x; float16: finite where e^x overflows fp16 (x > 11), within fp16 rounding."""
+    import torch.nn.functional as F
+
+    from paragonsr.inference import mish_graph
+
+    x = torch.cat([torch.linspace(-60, 30, 90001), torch.linspace(-1e4, 1e4, 20001)])
+    exact = x.double() * torch.tanh(F.softplus(x.double()))
+    actual = mish_graph(x.view(1, -1, 1, 1)).flatten().double()
+    normal = exact.abs() > 1e-30
+    relative = ((actual - exact).abs() / exact.abs())[normal].max().item()
+    assert relative < 5e-7
+    half = torch.linspace(-20, 6e4, 20001).half()
+    exact = half.double() * torch.tanh(F.softplus(half.double()))
+    actual = mish_graph(half.view(1, -1, 1, 1)).flatten().double()
+    assert torch.isfinite(actual).all()
+    visible = exact.abs() > 1e-3
+    assert ((actual - exact).abs() / exact.abs())[visible].max().item() < 4e-3
+
+
+def test_an_untrained_network_exports_and_loads_in_both_runtimes(tmp_path) -> None:
+    """A fresh network (what the Train node starts from: unit GroupNorm weights, LayerScale 1e-5)
+    has many equal constants, which the exporter deduplicates through Identity nodes; with the
+    GroupNorm scale written as Div(1, Sqrt) times the weight, onnxruntime's DivMulFusion broke
+    that graph and every session refused to load it. The export's own verification runs this
+    pack's onnxruntime with default options; chaiNNer's 1.17.1 must load and run it too."""
+    from paragonsr.network import ParagonSR
+
+    model = ParagonSR(config_for_variant("nano", 2))
+    path = tmp_path / "fresh.onnx"
+    report = export_onnx(model, path)
+    assert report.path == str(path)
+    image = seeded_image(3, 20, 24)
+    np.save(tmp_path / "input.npy", image.numpy())
+    script = textwrap.dedent(f"""
+        import numpy, onnxruntime
+        session = onnxruntime.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])
+        out = session.run(None, {{"input": numpy.load({str(tmp_path / "input.npy")!r})}})[0]
+        numpy.save({str(tmp_path / "output.npy")!r}, out)
+    """)
+    result = subprocess.run(
+        [chainner_python(), "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        expected = model(image).numpy()
+    actual = np.load(tmp_path / "output.npy")
+    assert actual.shape == (1, 3, 40, 48)
+    assert np.abs(actual - expected).max() < 1e-4
