@@ -491,6 +491,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data,
         out=args.out,
         val=args.val,
+        holdout=args.holdout,
         lr_data=args.lr_data,
         variant=args.variant or "nano",
         scale=args.scale,
@@ -507,6 +508,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ema_decay=args.ema,
         val_every=args.val_every,
         save_every=args.save_every,
+        log_every=args.log_every,
         seed=args.seed,
         threads=args.threads,
         init=args.init,
@@ -544,6 +546,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    print(f"validation: {result.validation_source}")
     for row in result.validation:
         print(
             f"iteration {row['iteration']:>6}: PSNR {row['psnr']:.2f} dB, bicubic "
@@ -551,7 +554,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     print(
         f"trained {result.iteration} iterations in {result.seconds:.0f} s; EMA weights: "
-        f"{Path(args.out) / MODEL_FILE}"
+        f"{Path(args.out) / MODEL_FILE}; log: {result.log_path}"
     )
     return 0
 
@@ -808,7 +811,18 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint, with a resumable state beside it.",
     )
     tr.add_argument("--data", required=True, help="folder of HR images (searched recursively)")
-    tr.add_argument("--val", help="folder of held-out HR images for PSNR against bicubic")
+    tr.add_argument(
+        "--val",
+        help="folder of held-out HR images for PSNR against bicubic (its images never train, "
+        "even inside --data)",
+    )
+    tr.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="without --val: the share of --data held out for validation, chosen by --seed, at "
+        "least one image (default 0.1; 0: validate on nothing)",
+    )
     tr.add_argument("--lr-data", help="folder of LR images paired with --data by name")
     tr.add_argument("--out", required=True, help="run folder for checkpoints")
     tr.add_argument(
@@ -830,6 +844,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ema", type=float, default=0.999, help="EMA decay")
     tr.add_argument("--val-every", type=int, default=500)
     tr.add_argument("--save-every", type=int, default=1000)
+    tr.add_argument(
+        "--log-every",
+        type=int,
+        default=100,
+        help="iterations per row of training_log.csv in --out (each validation adds a row)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument(
         "--threads",

@@ -383,6 +383,15 @@ class TrainParagonSR(io.ComfyNode):
                     default="ParagonSR_trained",
                     tooltip="Prefix of the EMA checkpoint written into models/upscale_models.",
                 ),
+                # Last, so that workflows saved before it existed keep their widget order.
+                io.String.Input(
+                    "validation",
+                    default="",
+                    optional=True,
+                    tooltip="Folder of held-out HR images for the PSNR report (inside ComfyUI's "
+                    "input folder, or an absolute path); its images never train. Empty: a "
+                    "seeded tenth of the dataset (at least one image) is held out instead.",
+                ),
             ],
             outputs=[io.UpscaleModel.Output(), io.String.Output(display_name="report")],
         )
@@ -403,6 +412,7 @@ class TrainParagonSR(io.ComfyNode):
         learning_rate=0.0,
         init_model="none",
         model_name="ParagonSR_trained",
+        validation="",
     ):
         from paragonsr.train import TrainConfig, train
 
@@ -424,7 +434,7 @@ class TrainParagonSR(io.ComfyNode):
             lq_size=lq_size,
             lr=learning_rate or None,
             init=str(comfy_bridge.model_path(init_model)) if init_model != "none" else None,
-            val=str(data),
+            val=str(comfy_bridge.dataset_directory(validation)) if validation.strip() else None,
             val_every=max(1, iterations // 4),
             save_every=max(1, iterations // 4),
         )
@@ -447,12 +457,12 @@ class TrainParagonSR(io.ComfyNode):
         )
         lines = [
             f"trained {result.iteration} iterations in {result.seconds:.0f} s; "
-            f"saved {target.name} (run folder {run})"
+            f"saved {target.name} (run folder {run}, log {result.log_path.name})",
+            f"validation on {result.validation_source}",
         ]
         lines += [
             f"iteration {r['iteration']}: PSNR {r['psnr']:.2f} dB, bicubic "
-            f"{r['bicubic']:.2f} dB ({r['psnr'] - r['bicubic']:+.2f} dB, on the "
-            "training images)"
+            f"{r['bicubic']:.2f} dB ({r['psnr'] - r['bicubic']:+.2f} dB)"
             for r in result.validation
         ]
         text = "\n".join(lines)

@@ -63,6 +63,8 @@ def train_args(data, out, iters: int, *extra: str) -> list[str]:
         "100",
         "--threads",
         "1",
+        "--holdout",
+        "0",  # one training image: the ranks' steps are compared, not validated
         *extra,
     ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,41 @@ def list_images(folder: Path) -> list[Path]:
     if not files:
         raise DataError(f"{folder}: contains no images ({', '.join(sorted(SUFFIXES))})")
     return files
+
+
+def split_holdout(
+    files: list[Path],
+    share: float,
+    seed: int,
+    folder: Path,
+    usable: Callable[[Path], bool] = lambda path: True,
+) -> tuple[list[Path], list[Path]]:
+    """(training, held out): a seeded ``share`` of ``files``, never fewer than one, held out for
+    validation. The draw depends only on the sorted file list and the seed, so every run on the
+    same folder and seed validates on the same images. A file ``usable`` rejects (unreadable)
+    is passed over and left with the training files, whose loader reports it."""
+    if len(files) < 2:
+        raise DataError(
+            f"{folder}: holds {len(files)} image, and holding one out for validation would leave "
+            "none to train on; add images, name a separate validation folder, or train without "
+            "validation (--holdout 0)"
+        )
+    count = min(len(files) - 1, max(1, round(share * len(files))))
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    held: set[int] = set()
+    for index in order:
+        if len(held) == count or len(held) == len(files) - 1:
+            break
+        if usable(files[index]):
+            held.add(index)
+    if not held:
+        raise DataError(
+            f"{folder}: no readable image to hold out for validation (see the warnings above)"
+        )
+    return (
+        [path for index, path in enumerate(files) if index not in held],
+        [path for index, path in enumerate(files) if index in held],
+    )
 
 
 def downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
@@ -75,9 +111,11 @@ class PatchSampler:
         channels: int,
         lr_folder: Path | None = None,
         degrade: bool = False,
+        hr_files: list[Path] | None = None,
     ) -> None:
+        """``hr_files``: the images of ``folder`` to train on (default: all of them)."""
         self.scale, self.lq_size, self.channels, self.degrade = scale, lq_size, channels, degrade
-        hr_files = list_images(folder)
+        hr_files = list_images(folder) if hr_files is None else hr_files
         pairs = [Pair(p, None) for p in hr_files]
         if lr_folder is not None:
             by_stem = {
@@ -215,10 +253,23 @@ def read_jpeg(data: bytes) -> torch.Tensor:
     return array.view(height, width, channels).permute(2, 0, 1)[None].float() / 255
 
 
-def load_validation(folder: Path, scale: int, channels: int) -> list[tuple[str, torch.Tensor]]:
-    """Held-out HR images, cropped to a multiple of the scale."""
+def readable(path: Path) -> bool:
+    """Whether ``path`` decodes as an image (held to the pixel limit); a warning says why not."""
+    try:
+        read_image(path)
+    except ImageError as error:
+        log.warning("not held out for validation: %s", error)
+        return False
+    return True
+
+
+def load_validation(
+    files: list[Path], scale: int, channels: int, source: str
+) -> list[tuple[str, torch.Tensor]]:
+    """Held-out HR images, cropped to a multiple of the scale; ``source`` names where they came
+    from in the error when none is readable."""
     images = []
-    for path in list_images(folder):
+    for path in files:
         try:
             hr = to_rgb(read_image(path).pixels, channels)
         except ImageError as error:  # as for training images: reported, not fatal
@@ -227,5 +278,5 @@ def load_validation(folder: Path, scale: int, channels: int) -> list[tuple[str, 
         height, width = hr.shape[-2] // scale * scale, hr.shape[-1] // scale * scale
         images.append((path.name, hr[..., :height, :width].contiguous()))
     if not images:
-        raise DataError(f"{folder}: no readable validation image (see the warnings above)")
+        raise DataError(f"{source}: no readable validation image (see the warnings above)")
     return images

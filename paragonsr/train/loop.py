@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
+import io
 import logging
 import math
 import pickle
@@ -31,12 +33,31 @@ from ..errors import ParagonSRError
 from ..files import atomic_write
 from ..inference import optimize_for_inference
 from ..network import ParagonSR
-from .data import DataError, PatchSampler, bicubic_upscale, downscale, load_validation
+from .data import (
+    DataError,
+    PatchSampler,
+    bicubic_upscale,
+    downscale,
+    list_images,
+    load_validation,
+    readable,
+    split_holdout,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "resume_state.pt"
 MODEL_FILE = "model_ema.safetensors"
+LOG_FILE = "training_log.csv"
+LOG_COLUMNS = (
+    "iteration",
+    "loss",
+    "lr",
+    "val_psnr",
+    "bicubic_psnr",
+    "images_per_second",
+    "seconds",
+)
 MAX_BAD_STEPS = 5
 
 
@@ -49,6 +70,9 @@ class TrainConfig:
     data: str
     out: str
     val: str | None = None
+    # Without ``val``: the share of the training images held out for validation (seeded by
+    # ``seed``, at least one image); 0 trains on every image and validates on none.
+    holdout: float = 0.1
     lr_data: str | None = None  # paired LR folder; else LR is made by bicubic downscaling
     variant: str = "nano"
     scale: int = 2
@@ -66,6 +90,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     val_every: int = 500
     save_every: int = 1000
+    log_every: int = 100  # iterations per row of the CSV log (validations add their own rows)
     seed: int = 0
     threads: int | None = None
     init: str | None = None
@@ -82,6 +107,7 @@ class TrainConfig:
             "--scale": self.scale,
             "--val-every": self.val_every,
             "--save-every": self.save_every,
+            "--log-every": self.log_every,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -102,6 +128,11 @@ class TrainConfig:
             raise TrainingError(
                 f"--ema {self.ema_decay:g}: the EMA decay must be from 0 up to (not including) "
                 "1, e.g. 0.999"
+            )
+        if not 0 <= self.holdout < 1:
+            raise TrainingError(
+                f"--holdout {self.holdout:g}: the share of images held out for validation must "
+                "be from 0 (none) up to (not including) 1, e.g. 0.1"
             )
         if not self.clip > 0:
             raise TrainingError(
@@ -142,6 +173,10 @@ class TrainResult:
     last_loss: float
     validation: list[dict] = field(default_factory=list)  # {"iteration", "psnr", "bicubic"}
     losses: list[float] = field(default_factory=list)
+    # What the PSNR figures were measured on, in words (a held-out folder, images held out of
+    # the training folder, or none).
+    validation_source: str = ""
+    log_path: Path | None = None
 
 
 def charbonnier(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-3):
@@ -268,6 +303,7 @@ def _train(
         raise TrainingError(f"unknown loss {config.loss!r}")
 
     # --- data --------------------------------------------------------------------------------
+    training_files, validation_files, validation_source = _split_data(config)
     sampler = PatchSampler(
         Path(config.data),
         config.scale,
@@ -275,10 +311,15 @@ def _train(
         config.in_chans,
         Path(config.lr_data) if config.lr_data else None,
         config.degrade,
+        hr_files=training_files,
     )
     validation = (
-        load_validation(Path(config.val), config.scale, config.in_chans) if config.val else []
+        load_validation(validation_files, config.scale, config.in_chans, validation_source)
+        if validation_files
+        else []
     )
+    if world.is_main:
+        log.info("validation: %s", validation_source)
 
     # --- model -------------------------------------------------------------------------------
     torch.manual_seed(config.seed)
@@ -316,7 +357,7 @@ def _train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, config))
     generator = torch.Generator().manual_seed(config.seed)
-    iteration, history = 0, {"losses": [], "validation": []}
+    iteration, history = 0, {"losses": [], "validation": [], "log": []}
     if config.resume:
         state = _load_state(out / STATE_FILE, model)
 
@@ -341,6 +382,30 @@ def _train(
                 ) from None
         iteration = state["iteration"]
         history = state["history"]
+        history.setdefault("log", [])  # states saved before the CSV log existed
+        if world.is_main:
+            _write_log(out / LOG_FILE, history["log"])  # rows written after that save go
+
+    def add_log_row(scores: dict | None) -> None:
+        nonlocal window_started, window_iterations
+        previous = history["log"][-1]["iteration"] if history["log"] else 0
+        losses = history["losses"][previous:iteration]
+        history["log"].append(
+            {
+                "iteration": iteration,
+                "loss": sum(losses) / len(losses) if losses else math.nan,
+                "lr": optimizer.param_groups[0]["lr"],
+                "val_psnr": scores["psnr"] if scores else None,
+                "bicubic_psnr": scores["bicubic"] if scores else None,
+                "images_per_second": config.batch * window_iterations / max(window_seconds(), 1e-9),
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        window_started, window_iterations = time.perf_counter(), 0
+        _write_log(out / LOG_FILE, history["log"])
+
+    def window_seconds() -> float:
+        return time.perf_counter() - window_started - window_paused
 
     def save() -> None:
         if not world.is_main:
@@ -369,6 +434,8 @@ def _train(
 
     # --- the loop ------------------------------------------------------------------------------
     started = time.perf_counter()
+    # Throughput of the rows of the log: training steps only, validation and saving left out.
+    window_started, window_iterations, window_paused = started, 0, 0.0
     bad_steps, was_cancelled, loss_value = 0, False, math.nan
     while iteration < config.iters:
         if _any_rank(world, cancelled is not None and cancelled(), device):
@@ -411,6 +478,7 @@ def _train(
         scheduler.step()
         update_ema(ema, model, iteration, config.ema_decay)
         iteration += 1
+        window_iterations += 1
         history["losses"].append(loss_value)
         report = {
             "iteration": iteration,
@@ -418,6 +486,8 @@ def _train(
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
+        paused = time.perf_counter()
+        scores = None
         if (
             world.is_main
             and validation
@@ -426,8 +496,16 @@ def _train(
             scores = validate(ema, validation, config.scale, device)
             history["validation"].append({"iteration": iteration, **scores})
             report.update(scores)
+        window_paused += time.perf_counter() - paused
+        if world.is_main and (
+            scores or iteration % config.log_every == 0 or iteration == config.iters
+        ):
+            add_log_row(scores)
+            window_paused = 0.0
         if iteration % config.save_every == 0:
+            paused = time.perf_counter()
             save()
+            window_paused += time.perf_counter() - paused
         if progress is not None:
             progress(report)
     save()
@@ -441,7 +519,70 @@ def _train(
         loss_value,
         history["validation"],
         history["losses"],
+        validation_source,
+        out / LOG_FILE if world.is_main else None,
     )
+
+
+def _split_data(config: TrainConfig) -> tuple[list[Path], list[Path], str]:
+    """(training images, validation images, where the validation images come from in words).
+    A validation folder's images never train, even where it lies inside the training folder."""
+    data = Path(config.data)
+    files = list_images(data)
+    if config.val:
+        validation = list_images(Path(config.val))
+        held = {path.resolve() for path in validation}
+        training = [path for path in files if path.resolve() not in held]
+        if not training:
+            raise DataError(
+                f"{data}: every image in it is also in the validation folder {config.val}; "
+                "validate on images the network does not train on"
+            )
+        if len(training) < len(files):
+            log.warning(
+                "%d images of %s lie in the validation folder %s and are left out of training",
+                len(files) - len(training),
+                data,
+                config.val,
+            )
+        return (
+            training,
+            validation,
+            f"the held-out folder {config.val} ({_images(len(validation))})",
+        )
+    if config.holdout == 0:
+        return files, [], "none (--holdout 0: every image trains)"
+    training, held_out = split_holdout(files, config.holdout, config.seed, data, readable)
+    names = ", ".join(path.name for path in held_out[:5]) + (", ..." if len(held_out) > 5 else "")
+    return (
+        training,
+        held_out,
+        f"{len(held_out)} of the {len(files)} images of {data} held out (seed {config.seed}): "
+        f"{names}",
+    )
+
+
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    """The whole CSV log, replaced atomically: a reader never sees half a row."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(LOG_COLUMNS)
+    for row in rows:
+        writer.writerow(_log_cell(row.get(column)) for column in LOG_COLUMNS)
+    with atomic_write(path) as temporary:
+        Path(temporary).write_text(text.getvalue(), encoding="utf-8")
+
+
+def _log_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 def _mean_over_ranks(world: Ranks, value: torch.Tensor) -> float:
