@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {
     "paragonsr_upscale_api.json": "ParagonSR - upscale an image (exact tiling).json",
+    "paragonsr_upscale_x4_api.json": "ParagonSR - upscale x4 with the default x4 model.json",
     "fuse_and_save_api.json": "ParagonSR - fuse and save a release checkpoint.json",
     "export_onnx_api.json": "ParagonSR - export ONNX for chaiNNer.json",
     "train_then_upscale_api.json": "ParagonSR - train then upscale.json",

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 WORKFLOWS = REPO / "tests" / "workflows"
 SAMPLE = REPO / "paragonsr" / "data" / "chelsea_160x120.png"
 MODEL = REPO / "models" / "paragonsr_nano_x2.safetensors"
+MODEL_X4 = REPO / "models" / "paragonsr_nano_x4.safetensors"
 
 
 class Comfy:
@@ -162,7 +163,7 @@ def test_the_bundled_model_is_listed_without_copying_it(comfy) -> None:
     for node in ("ParagonSRLoader", "UpscaleModelLoader"):
         info = comfy.request(f"/object_info/{node}")[node]["input"]["required"]["model_name"]
         options = info[0] if isinstance(info[0], list) else info[1]["options"]
-        assert "paragonsr_nano_x2.safetensors" in options, node
+        assert {MODEL.name, MODEL_X4.name} <= set(options), node
     assert not (comfy.root / "models" / "upscale_models" / MODEL.name).exists()
 
 
@@ -173,6 +174,16 @@ def test_upscale_equals_the_cli_within_one_level(comfy) -> None:
     expected = upscale(load_descriptor(MODEL), read_image(SAMPLE).pixels, UpscaleSettings(tile=64))
     expected = expected[0].permute(1, 2, 0).numpy() * 255
     assert image.shape == (240, 320, 3)
+    assert np.abs(image.astype(float) - expected).max() <= 1.0
+
+
+def test_the_default_x4_example_upscales_x4_as_the_cli_does(comfy) -> None:
+    result = comfy.run(workflow("paragonsr_upscale_x4_api.json", "e2e_x4"))
+    assert result["status"]["status_str"] == "success"
+    [image] = saved(comfy, "e2e_x4")
+    expected = upscale(load_descriptor(MODEL_X4), read_image(SAMPLE).pixels, UpscaleSettings())
+    expected = expected[0].permute(1, 2, 0).numpy() * 255
+    assert image.shape == (480, 640, 3)
     assert np.abs(image.astype(float) - expected).max() <= 1.0
 
 
@@ -234,7 +245,10 @@ def test_fuse_export_and_train_write_their_files(comfy) -> None:
     result = comfy.run(workflow("train_then_upscale_api.json", "e2e_trained"))
     assert result["status"]["status_str"] == "success"
     assert saved(comfy, "e2e_trained")[0].shape == (240, 320, 3)
-    assert "PSNR" in result["outputs"]["1"]["text"][0]
+    report = result["outputs"]["1"]["text"][0]
+    assert "PSNR" in report
+    # Two bundled photos and no validation folder: one is held out, and the report says so.
+    assert "validation on 1 of the 2 images of" in report and "held out (seed 0)" in report
 
 
 def test_the_export_node_writes_an_ncnn_pair(comfy) -> None:
