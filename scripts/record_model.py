@@ -23,18 +23,17 @@ import torch  # noqa: E402
 
 from paragonsr import inspect_checkpoint, load_model  # noqa: E402
 from paragonsr.images import read_image  # noqa: E402
-from paragonsr.train.data import bicubic_upscale, downscale  # noqa: E402
-from paragonsr.train.loop import psnr  # noqa: E402
+from paragonsr.train.loop import validate  # noqa: E402
 
 CROP = ROOT / "paragonsr" / "data" / "astronaut_192.png"
 
 
 def crop_gain(model_path: Path, scale: int) -> float:
-    hr = read_image(CROP).pixels
-    lr = downscale(hr, scale)
-    with torch.inference_mode():
-        ours = psnr(load_model(model_path)(lr).clamp(0, 1), hr, scale)
-    return ours - psnr(bicubic_upscale(lr, scale), hr, scale)
+    """As the trainer validates: the same downscale, PSNR and bicubic baseline."""
+    scores = validate(
+        load_model(model_path), [(CROP.name, read_image(CROP).pixels)], scale, torch.device("cpu")
+    )
+    return scores["psnr"] - scores["bicubic"]
 
 
 def main() -> int:

@@ -56,7 +56,7 @@ def split_holdout(
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
     held: set[int] = set()
     for index in order:
-        if len(held) == count or len(held) == len(files) - 1:
+        if len(held) == count:
             break
         if usable(files[index]):
             held.add(index)

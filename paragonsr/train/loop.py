@@ -387,7 +387,7 @@ def _train(
             _write_log(out / LOG_FILE, history["log"])  # rows written after that save go
 
     def add_log_row(scores: dict | None) -> None:
-        nonlocal window_started, window_iterations
+        nonlocal window_started, window_iterations, window_paused
         previous = history["log"][-1]["iteration"] if history["log"] else 0
         losses = history["losses"][previous:iteration]
         history["log"].append(
@@ -401,7 +401,7 @@ def _train(
                 "seconds": time.perf_counter() - started,
             }
         )
-        window_started, window_iterations = time.perf_counter(), 0
+        window_started, window_iterations, window_paused = time.perf_counter(), 0, 0.0
         _write_log(out / LOG_FILE, history["log"])
 
     def window_seconds() -> float:
@@ -501,7 +501,6 @@ def _train(
             scores or iteration % config.log_every == 0 or iteration == config.iters
         ):
             add_log_row(scores)
-            window_paused = 0.0
         if iteration % config.save_every == 0:
             paused = time.perf_counter()
             save()
